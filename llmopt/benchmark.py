@@ -1,0 +1,115 @@
+"""Generation benchmarks shared by the notebooks: engines timed round-robin in one run, tidy rows out.
+
+An *engine* is a function `(prompt_ids, new_tokens) -> Generation`. Engines are interleaved inside each repeat
+(engine A, engine B, engine A, ...) so slow drifts of a shared machine hit all of them alike, and every ratio
+is computed from medians measured in the same run.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from .generate import Decoder, Generation, GenerationConfig
+from .harness import spread
+
+Engine = Callable[[list[int], int], Generation]
+
+
+def prompt_of_length(tokenizer, length: int, text: str | None = None) -> list[int]:
+    """Exactly `length` token ids cut from the held-out evaluation text (deterministic)."""
+    from .datasets import evaluation_text
+
+    ids = tokenizer(text or evaluation_text("heldout")).input_ids
+    while len(ids) < length:
+        ids = ids + ids
+    return ids[:length]
+
+
+def ours(decoder: Decoder) -> Engine:
+    """Our decoder generating exactly `new_tokens` greedy tokens (EOS ignored, so lengths are equal)."""
+    def run(prompt_ids, new_tokens):
+        return decoder.generate(prompt_ids, GenerationConfig(max_new_tokens=new_tokens, ignore_eos=True))
+    return run
+
+
+def transformers_generate(hf_model, use_cache: bool, **kwargs) -> Engine:
+    """transformers' `generate` (greedy, exactly `new_tokens`), per-token times taken by a streamer."""
+    from transformers.generation.streamers import BaseStreamer
+
+    class Clock(BaseStreamer):
+        def __init__(self):
+            self.start, self.times, self.ids, self.seen_prompt = time.perf_counter(), [], [], False
+
+        def put(self, value):
+            if not self.seen_prompt:  # generate() first hands over the prompt
+                self.seen_prompt = True
+                return
+            self.times.append(time.perf_counter() - self.start)
+            self.ids.extend(value.reshape(-1).tolist())
+
+        def end(self):
+            pass
+
+    device = next(hf_model.parameters()).device
+
+    def run(prompt_ids, new_tokens):
+        clock = Clock()
+        with torch.inference_mode():
+            hf_model.generate(torch.tensor([prompt_ids], device=device), max_new_tokens=new_tokens,
+                              min_new_tokens=new_tokens, do_sample=False, use_cache=use_cache,
+                              streamer=clock, pad_token_id=hf_model.config.eos_token_id, **kwargs)
+        return Generation(list(prompt_ids), clock.ids, token_times_s=clock.times)
+    return run
+
+
+def compare(engines: dict[str, Engine], prompt_lengths: list[int], new_tokens: int, tokenizer,
+            repeats: int = 3, warmup: int = 1, progress: bool = True) -> pd.DataFrame:
+    """Time every engine at every prompt length, interleaved; one row per (engine, prompt length)."""
+    rows = []
+    total = len(prompt_lengths) * (warmup + repeats) * len(engines)
+    bar = tqdm(total=total, desc="generation benchmark", disable=not progress, leave=False)
+    for length in prompt_lengths:
+        prompt = prompt_of_length(tokenizer, length)
+        samples: dict[str, list[tuple[Generation, float, float]]] = {name: [] for name in engines}
+        for i in range(warmup + repeats):
+            for name, engine in engines.items():
+                cpu0, wall0 = time.process_time(), time.perf_counter()
+                result = engine(prompt, new_tokens)
+                wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+                if i >= warmup:
+                    samples[name].append((result, wall, cpu))
+                bar.update()
+        for name, runs in samples.items():
+            rows.append(summarize(name, length, new_tokens, runs))
+    bar.close()
+    return pd.DataFrame(rows)
+
+
+def summarize(engine: str, prompt_length: int, new_tokens: int,
+              runs: list[tuple[Generation, float, float]]) -> dict:
+    """Median and spread of the repeats of one engine at one prompt length."""
+    decode = [g.decode_tokens_per_s for g, _, _ in runs]
+    ttft = [g.time_to_first_token_s for g, _, _ in runs]
+    e2e = [new_tokens / wall for _, wall, _ in runs]
+    threads = torch.get_num_threads()
+    cpu_ratio = sum(c for _, _, c in runs) / sum(w for _, w, _ in runs)
+    return {
+        "engine": engine, "prompt_tokens": prompt_length, "new_tokens": new_tokens, "repeats": len(runs),
+        "decode_tokens_per_s": statistics.median(decode), "decode_tokens_per_s_spread": spread(decode),
+        "time_to_first_token_s": statistics.median(ttft), "time_to_first_token_s_spread": spread(ttft),
+        "end_to_end_tokens_per_s": statistics.median(e2e),
+        "per_token_latency_ms": 1000 / statistics.median(decode),
+        "cpu_wall_ratio": cpu_ratio, "contended": threads > 1 and cpu_ratio < 0.5 * threads,
+        "token_ids": runs[0][0].token_ids,
+    }
+
+
+def ratios(frame: pd.DataFrame, metric: str, baseline: str) -> pd.DataFrame:
+    """metric of every engine divided by the baseline engine's, per prompt length (same run)."""
+    table = frame.pivot(index="prompt_tokens", columns="engine", values=metric)
+    return table.div(table[baseline], axis=0).add_suffix(f" / {baseline}")

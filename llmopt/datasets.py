@@ -1,0 +1,59 @@
+"""The inputs in `data/`: prompt workloads, evaluation text and the design document's estimates."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from .environment import REPO_ROOT
+
+DATA_DIR = REPO_ROOT / "data"
+
+
+def prompts(kind: str | None = None) -> list[dict]:
+    """Prompt records from `data/prompts.jsonl` ({id, kind, chat, text}), optionally of one kind."""
+    with open(DATA_DIR / "prompts.jsonl") as handle:
+        rows = [json.loads(line) for line in handle if line.strip()]
+    return [r for r in rows if kind is None or r["kind"] == kind]
+
+
+def evaluation_text(split: str = "heldout") -> str:
+    """The Python Language Reference text (PSF license): 'calibration' or 'heldout' split."""
+    if split not in ("calibration", "heldout"):
+        raise ValueError("split must be 'calibration' or 'heldout'")
+    return (DATA_DIR / "text" / f"python_reference.{split}.txt").read_text()
+
+
+def write_evaluation_text(directory: Path = DATA_DIR / "text") -> None:
+    """Regenerate the evaluation text files from CPython's `pydoc_data.topics` (how they were made)."""
+    import re
+
+    from pydoc_data.topics import topics
+
+    parts: dict[str, list[str]] = {"calibration": [], "heldout": []}
+    for i, key in enumerate(sorted(topics)):
+        parts["heldout" if i % 4 == 0 else "calibration"].append(re.sub(r"\n{3,}", "\n\n", topics[key].strip()))
+    for split, texts in parts.items():
+        (directory / f"python_reference.{split}.txt").write_text("\n\n".join(texts) + "\n")
+
+
+def estimates(section: str | None = None) -> pd.DataFrame:
+    """The design document's impact tables as rows (all marked source='estimate')."""
+    frame = pd.read_csv(DATA_DIR / "estimates.csv")
+    return frame if section is None else frame[frame["section"] == section].reset_index(drop=True)
+
+
+def priority_ranking() -> pd.DataFrame:
+    return pd.read_csv(DATA_DIR / "priority_ranking.csv")
+
+
+def verdict(measured: float, low: float, high: float, higher_is_better: bool = True) -> str:
+    """Compare a measured value with an estimated range: 'confirmed' inside it, else by how much it misses."""
+    if low <= measured <= high:
+        return "confirmed"
+    if measured > high:
+        word = "exceeded" if higher_is_better else "refuted (worse)"
+        return f"{word}: {measured / high:.2f}x the high estimate"
+    word = "refuted (worse)" if higher_is_better else "exceeded"
+    return f"{word}: {measured / low:.2f}x the low estimate"

@@ -1,0 +1,160 @@
+"""The suite runner: execute notebooks headless with papermill, convert them to HTML, rebuild the index.
+
+Each notebook runs into a temporary directory; only a notebook that finished is converted and moved into
+`reports/`, so a failed run never leaves a partial report behind.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import html
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .environment import REPO_ROOT, environment
+from .errors import InvalidParameterError, LLMOptError
+
+NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
+REPORTS_DIR = REPO_ROOT / "reports"
+
+
+@dataclass
+class NotebookRun:
+    name: str
+    ok: bool
+    seconds: float
+    html_path: Path | None = None
+    error: str = ""
+
+
+def discover(names: list[str] | None = None, notebooks_dir: Path = NOTEBOOKS_DIR) -> list[Path]:
+    """Notebooks to run, in order: all `NN_*.ipynb`, or those whose name starts with one of `names`."""
+    found = sorted(notebooks_dir.glob("[0-9][0-9]_*.ipynb"))
+    if not names:
+        return found
+    chosen = [p for p in found if any(p.stem == n or p.stem.startswith(n) for n in names)]
+    if not chosen:
+        raise InvalidParameterError(f"no notebook matches {names}; have {[p.stem for p in found]}")
+    return chosen
+
+
+def _error_line(exc: Exception) -> str:
+    ename, evalue = getattr(exc, "ename", None), getattr(exc, "evalue", None)
+    if ename:  # papermill's PapermillExecutionError: the error raised inside the notebook
+        return f"{ename}: {evalue}"
+    return f"{type(exc).__name__}: {exc}".splitlines()[0]
+
+
+def run_notebook(path: Path, parameters: dict, reports_dir: Path = REPORTS_DIR,
+                 timeout_s: int | None = None) -> NotebookRun:
+    """Execute one notebook with `parameters`; on success write `reports/<name>.html`."""
+    import time
+
+    import nbformat
+    import papermill
+    from nbconvert import HTMLExporter
+
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="llmopt-run-") as tmp:
+        executed = Path(tmp) / path.name
+        try:
+            papermill.execute_notebook(str(path), str(executed), parameters=parameters, cwd=str(path.parent),
+                                       kernel_name="python3", progress_bar=False, execution_timeout=timeout_s,
+                                       log_output=False)
+        except Exception as exc:  # noqa: BLE001 - reported as one line, no report written
+            return NotebookRun(path.stem, False, time.perf_counter() - start, error=_error_line(exc))
+        notebook = nbformat.read(str(executed), as_version=4)
+        body, _ = HTMLExporter(exclude_input_prompt=True, exclude_output_prompt=True).from_notebook_node(notebook)
+        reports_dir.mkdir(parents=True, exist_ok=True)
+        staged = Path(tmp) / f"{path.stem}.html"
+        staged.write_text(body)
+        target = reports_dir / f"{path.stem}.html"
+        shutil.move(str(staged), str(target))
+    return NotebookRun(path.stem, True, time.perf_counter() - start, html_path=target)
+
+
+def read_headlines(results_dir: Path) -> dict[str, dict]:
+    out = {}
+    for f in sorted(Path(results_dir).glob("headline_*.json")):
+        record = json.loads(f.read_text())
+        out[record["notebook"]] = record
+    return out
+
+
+def _table_html(table: dict | None) -> str:
+    if not table:
+        return ""
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in table["columns"])
+    rows = "".join("<tr>" + "".join(f"<td>{_fmt(v)}</td>" for v in row) + "</tr>" for row in table["data"])
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:,.3g}" if abs(value) < 1000 else f"{value:,.0f}"
+    return html.escape(str(value))
+
+
+def build_index(reports_dir: Path = REPORTS_DIR, results_dir: Path | None = None) -> Path:
+    """Write `reports/index.html`: one card per executed notebook with its key figure, and the environment."""
+    from .harness import results_dir as default_results_dir
+
+    results_dir = Path(results_dir) if results_dir else default_results_dir()
+    headlines = read_headlines(results_dir)
+    env = environment()
+    cards = []
+    for report in sorted(Path(reports_dir).glob("[0-9][0-9]_*.html")):
+        name = report.stem
+        h = headlines.get(name, {})
+        generated = _dt.datetime.fromtimestamp(report.stat().st_mtime, _dt.timezone.utc)
+        cards.append(
+            f"<section class='card'><h2><a href='{html.escape(report.name)}'>{html.escape(h.get('title', name))}"
+            f"</a></h2><p class='figure'>{html.escape(h.get('key_figure', ''))}</p>"
+            f"<p class='verdict'>{html.escape(h.get('verdict', ''))}</p>{_table_html(h.get('table'))}"
+            f"<p class='meta'>generated {generated:%Y-%m-%d %H:%M} UTC · git {html.escape(h.get('git_revision', '?'))}"
+            f" · {html.escape(str(h.get('torch_threads', '?')))} threads</p></section>")
+    env_rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in env.items())
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>llmopt reports</title>
+<style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}}
+.card{{border:1px solid #ddd;border-radius:8px;padding:0.6em 1.2em;margin:1em 0}}
+.figure{{font-size:1.15em;font-weight:600}} .verdict{{color:#444}} .meta{{color:#777;font-size:0.85em}}
+table{{border-collapse:collapse;margin:0.5em 0}} td,th{{border:1px solid #ddd;padding:2px 8px;text-align:left}}</style>
+</head><body><h1>llmopt — measured LLM inference optimizations</h1>
+<p>Every figure below was measured by the linked notebook on the machine described at the bottom. The design
+document's numbers appear in the reports only beside measured ones, labeled as estimates.</p>
+{''.join(cards) or '<p>No reports yet: run <code>make report</code>.</p>'}
+<h2>Environment of this index build</h2><table>{env_rows}</table></body></html>"""
+    Path(reports_dir).mkdir(parents=True, exist_ok=True)
+    target = Path(reports_dir) / "index.html"
+    tmp = target.with_suffix(".tmp")
+    tmp.write_text(page)
+    os.replace(tmp, target)
+    return target
+
+
+def run_suite(names: list[str] | None = None, parameters: dict | None = None, smoke: bool = False,
+              reports_dir: Path = REPORTS_DIR, results_dir: Path | None = None,
+              timeout_s: int | None = None) -> list[NotebookRun]:
+    """Run notebooks (all by default) and rebuild the index. Smoke runs use tiny parameters."""
+    parameters = dict(parameters or {})
+    if smoke:
+        parameters["smoke"] = True
+    old = os.environ.get("LLMOPT_RESULTS_DIR")
+    if results_dir is not None:
+        os.environ["LLMOPT_RESULTS_DIR"] = str(results_dir)  # the kernels inherit it
+    try:
+        runs = [run_notebook(p, parameters, reports_dir, timeout_s) for p in discover(names)]
+        build_index(reports_dir)
+    finally:
+        if results_dir is not None:
+            if old is None:
+                os.environ.pop("LLMOPT_RESULTS_DIR", None)
+            else:
+                os.environ["LLMOPT_RESULTS_DIR"] = old
+    return runs
+
+
+__all__ = ["run_suite", "run_notebook", "build_index", "discover", "LLMOptError"]

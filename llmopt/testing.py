@@ -1,0 +1,46 @@
+"""Tiny random-weight models for fast tests (and a transformers twin to check them against)."""
+from __future__ import annotations
+
+import torch
+
+from .config import ModelConfig
+from .loading import build_model
+
+TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6)
+
+
+def tiny_hf_config(model_type: str = "llama", **overrides):
+    """A small transformers config of the Llama / Qwen2 / Mistral family."""
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    classes = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}
+    kwargs = {**TINY, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, **overrides}
+    if model_type == "mistral":
+        kwargs.setdefault("sliding_window", None)
+    return classes[model_type](**kwargs)
+
+
+def tiny_pair(model_type: str = "llama", seed: int = 0, dtype=torch.float32, init_std: float = 0.2, **overrides):
+    """(transformers model, our Transformer) with the same random weights.
+
+    `init_std` is larger than transformers' 0.02 so logits are peaked and greedy decoding has no near-ties."""
+    from transformers import AutoModelForCausalLM
+
+    hf_config = tiny_hf_config(model_type, **overrides)
+    hf_config.initializer_range = init_std
+    torch.manual_seed(seed)
+    hf_model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, p in hf_model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+    ours = build_model(ModelConfig.from_hf(hf_config), hf_model.state_dict(), dtype=dtype)
+    return hf_model.to(dtype), ours
+
+
+def tiny_model(model_type: str = "llama", seed: int = 0, dtype=torch.float32, **overrides):
+    """Just our model, random weights."""
+    return tiny_pair(model_type, seed, dtype, **overrides)[1]

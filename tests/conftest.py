@@ -1,0 +1,27 @@
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(autouse=True)
+def isolated_results(tmp_path, monkeypatch):
+    """Tests never write into data/results/: results go to a temporary directory."""
+    monkeypatch.setenv("LLMOPT_RESULTS_DIR", str(tmp_path / "results"))
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    """The real default model (SmolLM2-135M-Instruct), fp32, loaded once per session."""
+    from llmopt.loading import load_model
+
+    return load_model()
+
+
+@pytest.fixture(scope="session")
+def default_hf_model(default_model):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(default_model.checkpoint, dtype=torch.float32).eval()

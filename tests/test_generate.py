@@ -1,0 +1,93 @@
+"""The generation loop: greedy equals transformers, sampling is seeded, stop rules, streaming, errors."""
+import pytest
+import torch
+
+from llmopt.errors import ContextLengthError, InvalidParameterError
+from llmopt.generate import Decoder, GenerationConfig
+from llmopt.sampling import SamplingParams, probabilities
+from llmopt.testing import tiny_pair
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return tiny_pair("qwen2", seed=3)
+
+
+def hf_greedy(hf, prompt, n):
+    out = hf.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                      pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("cache", ["none", "static", "dynamic"])
+def test_greedy_equals_transformers_generate(pair, cache):
+    hf, ours = pair
+    decoder = Decoder(ours, cache=cache, eos_token_ids=[])
+    for prompt in ([5, 6, 7], [11, 3, 40, 41, 42, 9, 17, 80], list(range(10, 40))):
+        got = decoder.generate(prompt, GenerationConfig(max_new_tokens=20)).token_ids
+        assert got == hf_greedy(hf, prompt, 20)
+
+
+def test_sampling_is_reproducible_with_a_seed(pair):
+    decoder = Decoder(pair[1], cache="none", eos_token_ids=[])
+    config = GenerationConfig(max_new_tokens=16, temperature=0.9, top_k=20, top_p=0.95, seed=7)
+    first = decoder.generate([1, 2, 3], config).token_ids
+    assert decoder.generate([1, 2, 3], config).token_ids == first
+    other = decoder.generate([1, 2, 3], GenerationConfig(max_new_tokens=16, temperature=0.9, seed=8)).token_ids
+    assert other != first
+
+
+def test_top_k_and_top_p_restrict_the_distribution():
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]])
+    assert (probabilities(logits, SamplingParams(1.0, top_k=2)) > 0).sum() == 2
+    p = probabilities(logits, SamplingParams(1.0, top_p=0.5))
+    assert (p > 0).sum() == 1 and p[0, 0] == 1.0  # the top token alone carries > 0.5
+    p = probabilities(logits, SamplingParams(1.0, top_p=0.9))
+    full = torch.softmax(logits, -1)[0]
+    kept = int((p > 0).sum())
+    assert full[:kept - 1].sum() < 0.9 <= full[:kept].sum()
+    torch.testing.assert_close(p.sum(), torch.tensor(1.0))
+
+
+def test_eos_stops_generation(pair):
+    hf, ours = pair
+    prompt = [5, 6, 7]
+    reference = hf_greedy(hf, prompt, 12)
+    eos = reference[4]
+    result = Decoder(ours, cache="static", eos_token_ids=[eos]).generate(prompt, GenerationConfig(max_new_tokens=12))
+    assert result.finish_reason == "eos"
+    assert result.token_ids == reference[:reference.index(eos) + 1]
+    ignored = Decoder(ours, cache="static", eos_token_ids=[eos]).generate(
+        prompt, GenerationConfig(max_new_tokens=12, ignore_eos=True))
+    assert ignored.token_ids == reference
+
+
+def test_stream_yields_the_same_tokens_with_timings(pair):
+    decoder = Decoder(pair[1], cache="static", eos_token_ids=[])
+    config = GenerationConfig(max_new_tokens=10)
+    events = list(decoder.stream([4, 5, 6], config))
+    assert [e.token_id for e in events] == decoder.generate([4, 5, 6], config).token_ids
+    times = [e.elapsed_s for e in events]
+    assert times == sorted(times) and times[0] > 0
+
+
+def test_timings_are_recorded(pair):
+    result = Decoder(pair[1], cache="static", eos_token_ids=[]).generate([1, 2], GenerationConfig(max_new_tokens=8))
+    assert len(result.token_times_s) == 8 and len(result.token_latencies_s) == 8
+    assert 0 < result.time_to_first_token_s <= result.total_s
+    assert sum(result.token_latencies_s) == pytest.approx(result.total_s)
+    assert result.decode_tokens_per_s > 0
+
+
+def test_bad_parameters_raise_clear_errors(pair):
+    decoder = Decoder(pair[1], cache="static")
+    with pytest.raises(InvalidParameterError, match="max_new_tokens must be positive"):
+        GenerationConfig(max_new_tokens=0)
+    with pytest.raises(InvalidParameterError):
+        GenerationConfig(temperature=-1)
+    with pytest.raises(ContextLengthError, match="exceeds the model's context of 512"):
+        decoder.generate(list(range(90)) * 6, GenerationConfig(max_new_tokens=4))
+    with pytest.raises(InvalidParameterError, match="unknown cache kind"):
+        Decoder(pair[1], cache="paged")
+    with pytest.raises(InvalidParameterError, match="empty"):
+        decoder.generate([], GenerationConfig())

@@ -1,0 +1,62 @@
+import json
+import time
+
+import pandas as pd
+import pytest
+
+from llmopt import datasets, harness
+
+
+def test_measure_counts_warmup_and_repeats():
+    calls = []
+    timing = harness.measure(lambda: calls.append(1) or time.sleep(0.01), repeats=4, warmup=2)
+    assert len(calls) == 6 and len(timing.wall_s) == 4
+    assert timing.median_s >= 0.009 and timing.spread_s >= 0
+    summary = timing.summary()
+    assert summary["repeats"] == 4 and "cpu_wall_ratio" in summary
+
+
+def test_sleeping_run_is_flagged_contended():
+    timing = harness.measure(lambda: time.sleep(0.02), repeats=2, warmup=0)
+    timing.threads = 2
+    assert timing.cpu_wall_ratio < 0.5 and timing.contended
+
+
+def test_spread_is_interquartile_range():
+    assert harness.spread([1, 2, 3, 4, 5, 6, 7, 8]) == pytest.approx(4.5)
+    assert harness.spread([1.0, 3.0]) == 2.0 and harness.spread([1.0]) == 0.0
+
+
+def test_save_results_adds_environment_atomically(tmp_path):
+    path = harness.save_results([{"engine": "x", "tokens_per_s": 1.5}], "unit", extra={"model": "m"},
+                                directory=tmp_path)
+    frame = pd.read_csv(path)
+    for column in ("git_revision", "torch", "transformers", "cpu", "torch_threads", "device", "model"):
+        assert column in frame.columns
+    assert [p.name for p in tmp_path.iterdir()] == ["unit.csv"]
+
+
+def test_save_headline_roundtrip(tmp_path):
+    path = harness.save_headline("99_x", "T", "1 tok/s", "ok", pd.DataFrame({"a": [1]}), directory=tmp_path)
+    record = json.loads(path.read_text())
+    assert record["title"] == "T" and record["table"]["columns"] == ["a"]
+
+
+def test_estimates_cover_every_section_and_are_labeled():
+    frame = datasets.estimates()
+    assert set(frame.section) == {"kv_cache", "batching", "quantization", "prompt_caching", "flash_attention",
+                                  "speculative_decoding"}
+    assert (frame.source == "estimate").all()
+    assert datasets.estimates("flash_attention").high.tolist() == [1.5, 2.5, 4.0]
+
+
+def test_verdict_words():
+    assert datasets.verdict(7, 5, 10) == "confirmed"
+    assert datasets.verdict(20, 5, 10).startswith("exceeded")
+    assert datasets.verdict(2, 5, 10).startswith("refuted")
+
+
+def test_evaluation_text_splits_are_disjoint():
+    cal, held = datasets.evaluation_text("calibration"), datasets.evaluation_text("heldout")
+    assert len(cal) > 100_000 and len(held) > 50_000
+    assert held[:2000] not in cal

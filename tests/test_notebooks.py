@@ -1,0 +1,17 @@
+"""Every notebook runs through papermill with smoke parameters and produces its report."""
+import pytest
+
+from llmopt.reports import discover, run_suite
+
+pytestmark = pytest.mark.notebook
+
+
+@pytest.mark.parametrize("notebook", [p.stem for p in discover()])
+def test_notebook_smoke_run(notebook, tmp_path):
+    runs = run_suite([notebook], smoke=True, reports_dir=tmp_path / "reports", results_dir=tmp_path / "results")
+    assert [r.ok for r in runs] == [True], runs[0].error
+    html = (tmp_path / "reports" / f"{notebook}.html").read_text()
+    assert "Traceback" not in html
+    assert (tmp_path / "reports" / "index.html").exists()
+    assert any((tmp_path / "results").glob("*.csv")), "the notebook saved no measured rows"
+    assert (tmp_path / "results" / f"headline_{notebook}.json").exists()
