@@ -69,19 +69,22 @@ def transformers_generate(hf_model, use_cache: bool, **kwargs) -> Engine:
 
 def compare(engines: dict[str, Engine], prompt_lengths: list[int], new_tokens: int, tokenizer,
             repeats: int = 3, warmup: int = 1, progress: bool = True) -> pd.DataFrame:
-    """Time every engine at every prompt length, interleaved; one row per (engine, prompt length)."""
+    """Time every engine at every prompt length, interleaved; one row per (engine, prompt length).
+
+    `warmup` untimed runs per engine happen once, at the first prompt length."""
     rows = []
-    total = len(prompt_lengths) * (warmup + repeats) * len(engines)
+    total = (len(prompt_lengths) * repeats + warmup) * len(engines)
     bar = tqdm(total=total, desc="generation benchmark", disable=not progress, leave=False)
-    for length in prompt_lengths:
+    for position, length in enumerate(prompt_lengths):
         prompt = prompt_of_length(tokenizer, length)
         samples: dict[str, list[tuple[Generation, float, float]]] = {name: [] for name in engines}
-        for i in range(warmup + repeats):
+        warmups = warmup if position == 0 else 0  # engines warm up once, at the first prompt length
+        for i in range(warmups + repeats):
             for name, engine in engines.items():
                 cpu0, wall0 = time.process_time(), time.perf_counter()
                 result = engine(prompt, new_tokens)
                 wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
-                if i >= warmup:
+                if i >= warmups:
                     samples[name].append((result, wall, cpu))
                 bar.update()
         for name, runs in samples.items():
@@ -113,3 +116,32 @@ def ratios(frame: pd.DataFrame, metric: str, baseline: str) -> pd.DataFrame:
     """metric of every engine divided by the baseline engine's, per prompt length (same run)."""
     table = frame.pivot(index="prompt_tokens", columns="engine", values=metric)
     return table.div(table[baseline], axis=0).add_suffix(f" / {baseline}")
+
+
+def latency_by_position(engines: dict[str, Engine], prompt_ids: list[int], new_tokens: int) -> pd.DataFrame:
+    """Per-token latency against the token's position in the sequence, one generation per engine."""
+    rows = []
+    for name, engine in engines.items():
+        result = engine(prompt_ids, new_tokens)
+        for i, latency in enumerate(result.token_latencies_s[1:], start=1):  # [0] is the prefill
+            rows.append({"engine": name, "position": len(prompt_ids) + i, "latency_ms": 1000 * latency})
+    return pd.DataFrame(rows)
+
+
+def latency_growth(frame: pd.DataFrame) -> pd.DataFrame:
+    """Least-squares slope of per-token latency against position (ms per extra token of context)."""
+    import numpy as np
+
+    rows = []
+    for name, group in frame.groupby("engine", sort=False):
+        slope, intercept = np.polyfit(group.position, group.latency_ms, 1)
+        rows.append({"engine": name, "ms_per_context_token": slope, "intercept_ms": intercept,
+                     "first_ms": group.latency_ms.iloc[0], "last_ms": group.latency_ms.iloc[-1]})
+    return pd.DataFrame(rows)
+
+
+def equal_tokens(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per prompt length: are every engine's generated token ids identical? (the lossless check)"""
+    table = frame.pivot(index="prompt_tokens", columns="engine", values="token_ids")
+    same = table.apply(lambda row: all(ids == row.iloc[0] for ids in row), axis=1)
+    return same.rename("tokens identical across engines").to_frame()

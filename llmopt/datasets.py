@@ -49,11 +49,11 @@ def priority_ranking() -> pd.DataFrame:
 
 
 def verdict(measured: float, low: float, high: float, higher_is_better: bool = True) -> str:
-    """Compare a measured value with an estimated range: 'confirmed' inside it, else by how much it misses."""
+    """Measured value against an estimated range: 'confirmed' inside it, else refuted, which way and by how much."""
     if low <= measured <= high:
         return "confirmed"
-    if measured > high:
-        word = "exceeded" if higher_is_better else "refuted (worse)"
-        return f"{word}: {measured / high:.2f}x the high estimate"
-    word = "refuted (worse)" if higher_is_better else "exceeded"
-    return f"{word}: {measured / low:.2f}x the low estimate"
+    bound = high if measured > high else low
+    better = (measured > high) == higher_is_better
+    factor = measured / bound if bound else float("inf")
+    estimate = f"{low:g}" if low == high else f"{low:g}-{high:g}"
+    return f"refuted ({'better' if better else 'worse'}): {measured:.3g} vs {estimate}, {factor:.2g}x the estimate"

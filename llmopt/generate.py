@@ -74,10 +74,18 @@ class StreamEvent:
 
 
 class Decoder:
-    """Generation over our `Transformer` with a chosen KV cache kind ('none' | 'static' | 'dynamic')."""
+    """Generation over our `Transformer` with a chosen KV cache kind ('none' | 'static' | 'dynamic').
 
-    def __init__(self, model, tokenizer=None, cache: str = "static", eos_token_ids: Sequence[int] | None = None):
+    compile: run cached decode steps through `torch.compile` (prefill stays eager). Compilation happens on the
+    first decode step; call `warm_up()` to pay it outside any timed region (it returns the seconds spent).
+    """
+
+    def __init__(self, model, tokenizer=None, cache: str = "static", eos_token_ids: Sequence[int] | None = None,
+                 compile: bool = False):
         make_cache(cache, model.config, 1)  # validates the kind early
+        if compile and cache in (None, "none"):
+            raise InvalidParameterError("compile applies to the cached decode step; use cache='static'")
+        self.decode_forward = torch.compile(model, dynamic=True) if compile else model
         self.model, self.tokenizer, self.cache_kind = model, tokenizer, cache
         ids = set(eos_token_ids if eos_token_ids is not None else model.config.eos_token_ids)
         if eos_token_ids is None and tokenizer is not None and tokenizer.eos_token_id is not None:
@@ -87,6 +95,12 @@ class Decoder:
         self.dtype = next(model.parameters()).dtype
         self.positions = torch.arange(model.config.max_position_embeddings, device=self.device)
         self.cache = None  # the last request's cache, kept for inspection (bytes, length)
+
+    def warm_up(self, prompt_length: int = 8, new_tokens: int = 4) -> float:
+        """Run one short generation (compiling the decode step if asked) and return its seconds."""
+        start = time.perf_counter()
+        self.generate([0] * prompt_length, GenerationConfig(max_new_tokens=new_tokens, ignore_eos=True))
+        return time.perf_counter() - start
 
     def encode(self, prompt: str | Sequence[int], chat: bool = False) -> list[int]:
         """Token ids for a prompt given as text (optionally through the chat template) or as ids."""
@@ -144,7 +158,7 @@ class Decoder:
             generator.manual_seed(config.seed if config.seed is not None else torch.seed())
         stop_check = bool(config.stop_strings) and self.tokenizer is not None
         eos = frozenset() if config.ignore_eos else self.eos_token_ids
-        model, positions = self.model, self.positions
+        model, decode_forward, positions = self.model, self.decode_forward, self.positions
         self.cache = cache = make_cache(self.cache_kind, model.config, prompt_length + config.max_new_tokens,
                                         1, self.dtype, self.device)
         sequence = torch.tensor([record.prompt_ids], device=self.device)
@@ -170,4 +184,5 @@ class Decoder:
                     sequence = torch.cat([sequence, next_token.view(1, 1)], dim=1)
                     logits = model(sequence, positions[:length], None, last_only=True)
                 else:
-                    logits = model(next_token.view(1, 1), positions[length - 1:length], cache, last_only=True)
+                    logits = decode_forward(next_token.view(1, 1), positions[length - 1:length], cache,
+                                            last_only=True)

@@ -111,14 +111,36 @@ def peak_memory_bytes(fn: Callable[[], Any], device="cpu") -> tuple[Any, int]:
         return result, torch.cuda.max_memory_allocated() - base
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         result = fn()
+    # Allocations and frees inside an op are its *self* memory; frees outside any op are "[memory]" events.
+    changes = []
+    for event in prof.events():
+        delta = event.cpu_memory_usage if event.name == "[memory]" else event.self_cpu_memory_usage
+        if delta:
+            changes.append((event.time_range.start, delta))
     current = peak = 0
-    events = sorted((e for e in prof.events() if e.cpu_memory_usage), key=lambda e: e.time_range.start)
-    for e in events:
-        current += e.cpu_memory_usage
+    for _, delta in sorted(changes):
+        current += delta
         peak = max(peak, current)
     return result, peak
+
+
+class _quiet_stderr:
+    """Silence the profiler's C++ start/stop lines (they go to fd 2, not to Python's sys.stderr)."""
+
+    def __enter__(self):
+        import sys
+
+        sys.stderr.flush()
+        self.saved = os.dup(2)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+
+    def __exit__(self, *exc):
+        os.dup2(self.saved, 2)
+        os.close(self.saved)
 
 
 def ratio(numerator: float, denominator: float) -> float:

@@ -3,6 +3,7 @@ import time
 
 import pandas as pd
 import pytest
+import torch
 
 from llmopt import datasets, harness
 
@@ -52,11 +53,24 @@ def test_estimates_cover_every_section_and_are_labeled():
 
 def test_verdict_words():
     assert datasets.verdict(7, 5, 10) == "confirmed"
-    assert datasets.verdict(20, 5, 10).startswith("exceeded")
-    assert datasets.verdict(2, 5, 10).startswith("refuted")
+    assert datasets.verdict(20, 5, 10).startswith("refuted (better)") and "2x" in datasets.verdict(20, 5, 10)
+    assert datasets.verdict(2, 5, 10).startswith("refuted (worse)")
+    assert datasets.verdict(100, 500, 500, higher_is_better=False).startswith("refuted (better)")
 
 
 def test_evaluation_text_splits_are_disjoint():
     cal, held = datasets.evaluation_text("calibration"), datasets.evaluation_text("heldout")
     assert len(cal) > 100_000 and len(held) > 50_000
     assert held[:2000] not in cal
+
+
+def test_peak_memory_counts_live_tensors_only():
+    def work():
+        a = torch.ones(1000, 1000)  # 4 MB
+        b = a @ a  # 4 MB more: 8 MB live
+        del a
+        c = torch.ones(2000, 1000)  # 8 MB more: 12 MB live at the peak
+        return float(b.sum() + c.sum())
+
+    _, peak = harness.peak_memory_bytes(work)
+    assert 12_000_000 <= peak < 12_100_000
