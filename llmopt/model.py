@@ -20,6 +20,8 @@ from . import attention
 from .config import ModelConfig
 from .errors import UnsupportedModelError
 
+ROPE_TABLE_MAX = 65536  # positions; beyond this cos/sin are computed per call instead of tabulated
+
 
 def rope_inverse_frequencies(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
     """RoPE inverse frequencies and the cos/sin scale, for the scaling variants these checkpoints use."""
@@ -139,15 +141,27 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.register_buffer("inv_freq", torch.empty(cfg.head_dim // 2), persistent=False)
+        table_length = cfg.max_position_embeddings if cfg.max_position_embeddings <= ROPE_TABLE_MAX else 0
+        self.register_buffer("rope_cos", torch.empty(table_length, cfg.head_dim), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(table_length, cfg.head_dim), persistent=False)
         self.init_rope()
         self.attention_backend = "sdpa"
         self._attend = attention.get_backend(self.attention_backend)
 
     def init_rope(self) -> None:
-        """(Re)compute the RoPE frequencies: buffers are not in checkpoints, so this runs after loading too."""
-        inv_freq, self.rope_scale = rope_inverse_frequencies(self.config)
-        self.inv_freq = inv_freq.to(self.inv_freq.device)
+        """(Re)compute RoPE frequencies and the cos/sin table (fp32, cast with the model like transformers'
+        cos.to(x.dtype)). Buffers are not in checkpoints, so this runs after loading too."""
+        _, self.rope_scale = rope_inverse_frequencies(self.config)
+        device = self.rope_cos.device
+        if self.rope_cos.shape[0]:
+            cos, sin = self._rope_fp32(torch.arange(self.rope_cos.shape[0], device=device))
+            self.rope_cos, self.rope_sin = cos.to(self.rope_cos.dtype), sin.to(self.rope_sin.dtype)
+
+    def _rope_fp32(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq = rope_inverse_frequencies(self.config)[0].to(positions.device)  # fp32, as transformers does
+        freqs = positions.to(torch.float32)[..., None] * inv_freq
+        angles = torch.cat((freqs, freqs), dim=-1)
+        return angles.cos() * self.rope_scale, angles.sin() * self.rope_scale
 
     def set_attention(self, name: str) -> "Transformer":
         """Switch the attention backend (naive | tiled | sdpa | flash_attn) for prefill and decode."""
@@ -157,9 +171,10 @@ class Transformer(nn.Module):
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin for `positions` ([T] or [B, T]), shaped to broadcast over [B, heads, T, head_dim]."""
-        freqs = positions.to(torch.float32)[..., None] * self.inv_freq  # fp32, as transformers does
-        angles = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = angles.cos() * self.rope_scale, angles.sin() * self.rope_scale
+        if self.rope_cos.shape[0]:  # precomputed table: a lookup, nothing rebuilt per decode step
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        else:  # very long contexts: compute on the fly instead of holding a huge table
+            cos, sin = self._rope_fp32(positions)
         if positions.dim() == 2:  # per-row positions: [B, 1, T, D]
             cos, sin = cos[:, None], sin[:, None]
         return cos.to(dtype), sin.to(dtype)
@@ -182,9 +197,11 @@ class Transformer(nn.Module):
 
     @property
     def weight_bytes(self) -> int:
-        """Bytes held by parameters and buffers (tied weights counted once), as stored (quantized or not)."""
+        """Bytes held by parameters and buffers (tied weights counted once), as stored (quantized or not);
+        the RoPE tables are not weights and are left out."""
         seen, total = set(), 0
-        for t in list(self.parameters()) + list(self.buffers()):
+        buffers = [b for name, b in self.named_buffers() if not name.startswith("rope_")]
+        for t in list(self.parameters()) + buffers:
             if t.data_ptr() in seen:
                 continue
             seen.add(t.data_ptr())
