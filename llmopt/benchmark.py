@@ -49,8 +49,9 @@ def transformers_generate(hf_model, use_cache: bool, **kwargs) -> Engine:
             if not self.seen_prompt:  # generate() first hands over the prompt
                 self.seen_prompt = True
                 return
-            self.times.append(time.perf_counter() - self.start)
-            self.ids.extend(value.reshape(-1).tolist())
+            ids = value.reshape(-1).tolist()  # assisted generation hands over several tokens at once
+            self.times.extend([time.perf_counter() - self.start] * len(ids))
+            self.ids.extend(ids)
 
         def end(self):
             pass
