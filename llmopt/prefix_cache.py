@@ -6,12 +6,12 @@ limits and invalidation. Here the cache is keyed on **token ids**, as serving en
 cached prefix is reused even when a prompt shares only part of it.
 
 Structure: a **radix tree** (SGLang's RadixAttention, Zheng et al. 2024), not vLLM's block-hash chain. Each
-node holds a run of tokens and their KV ([layers, 2, Hkv, n, D], one tensor per node); a path from the root
-spells a cached prefix. Why a tree here: a batch-1 decoder gains from *token-exact* reuse (a block-hash chain
-reuses whole blocks only, so the tail of a 250-token prefix that fills no 16-token block is recomputed), a
-shared system prompt is stored once however many prompts extend it, and a prefix's KV comes back as a few
-contiguous runs (one per node) instead of one tensor per block. The price is splitting a node when a new
-prompt diverges inside it (its KV is cut in two, bytes unchanged).
+node holds a run of tokens and their KV (one tensor [2 (keys, values), layers, Hkv, n, D] per node); a path
+from the root spells a cached prefix. Why a tree here: a batch-1 decoder gains from *token-exact* reuse (a
+block-hash chain reuses whole blocks only, so the tail of a 250-token prefix that fills no 16-token block is
+recomputed), a shared system prompt is stored once however many prompts extend it, and a prefix's KV comes
+back as a few contiguous runs (one per node) instead of one tensor per block. The price is splitting a node
+when a new prompt diverges inside it (its KV is cut in two, bytes unchanged).
 
 Invariants:
 - Memory: `used_bytes` (the bytes of all stored KV tensors) never exceeds `max_bytes`. An insertion evicts
@@ -67,7 +67,7 @@ def model_fingerprint(model, sampled_tensors: int = 8, samples_per_tensor: int =
 
 @dataclass(eq=False)
 class Node:
-    """A run of tokens and their KV ([layers, 2, Hkv, n, D]); the root holds none."""
+    """A run of tokens and their KV ([2 (keys, values), layers, Hkv, n, D]); the root holds none."""
     tokens: tuple[int, ...] = ()
     kv: torch.Tensor | None = None
     parent: "Node | None" = None
@@ -203,9 +203,8 @@ class PrefixCache:
         self.hits += 1
         self.reused_tokens += matched
         self._touch_used(path, now)
-        kv = torch.cat([node.kv[:, :, :, :used] for node, used in path], dim=3)  # [L, 2, Hkv, matched, D]
-        keys = [kv[layer, 0].unsqueeze(0) for layer in range(kv.shape[0])]
-        values = [kv[layer, 1].unsqueeze(0) for layer in range(kv.shape[0])]
+        kv = torch.cat([node.kv[:, :, :, :used] for node, used in path], dim=3)  # [2, L, Hkv, matched, D]
+        keys, values = list(kv[0].unsqueeze(1).unbind(0)), list(kv[1].unsqueeze(1).unbind(0))
         return PrefixHit(matched, keys, values)
 
     def insert(self, tokens: Sequence[int], keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor],
@@ -240,8 +239,8 @@ class PrefixCache:
         if path:
             node, used = path[-1]
             parent = self._split(node, used) if used < len(node.tokens) else node
-        kv = torch.stack([torch.stack([k[0, :, matched:len(tokens)], v[0, :, matched:len(tokens)]])
-                          for k, v in zip(keys, values)])  # a copy: never a view of the caller's buffer
+        kv = torch.stack([t[0, :, matched:len(tokens)] for t in list(keys) + list(values)])  # a copy, not a view
+        kv = kv.view(2, len(keys), *kv.shape[1:])
         leaf = Node(tokens[matched:], kv, parent)
         parent.children[leaf.tokens[0]] = leaf
         self.lru[id(leaf)] = leaf

@@ -123,8 +123,11 @@ BYTES_PER_TOKEN = 2 * LAYERS * HEADS * DIM * 4
 
 def synthetic_kv(tokens):
     """KV whose value at position i depends on tokens[:i+1] (as real KV does): per layer [1, 1, n, 2]."""
-    codes = [float(hash(tuple(tokens[:i + 1])) % 1_000_003) for i in range(len(tokens))]
-    base = torch.tensor(codes).view(1, 1, -1, 1).repeat(1, HEADS, 1, DIM)
+    codes, code = [], 0
+    for token in tokens:  # a running hash of the prefix
+        code = hash((code, token)) % 1_000_003
+        codes.append(float(code))
+    base = torch.tensor(codes).view(1, 1, -1, 1).expand(1, HEADS, -1, DIM)
     keys = [base + layer for layer in range(LAYERS)]
     values = [-base - layer for layer in range(LAYERS)]
     return keys, values
@@ -198,16 +201,16 @@ def test_churn_never_exceeds_the_limit_never_serves_expired_entries_and_counts_a
         fingerprint = "m" if rng.random() < 0.995 else "other"  # an occasional model switch
         if fingerprint != cache.fingerprint:
             recent.clear()
+        keys, values = synthetic_kv(prompt)
         hit = cache.lookup(prompt, fingerprint)
         if hit is not None:
             served += 1
             reused += hit.length
             used = prompt[:hit.length]
             assert any(seq[:hit.length] == used for _, seq in recent), "served a prefix unused for ttl_s"
-            expected_keys, expected_values = synthetic_kv(list(used))
-            for got, want in zip(hit.keys + hit.values, expected_keys + expected_values):
-                assert torch.equal(got, want)
-        cache.insert(prompt, *synthetic_kv(list(prompt)), fingerprint)
+            for got, want in zip(hit.keys + hit.values, keys + values):
+                assert torch.equal(got, want[:, :, :hit.length])  # the KV of exactly this prefix
+        cache.insert(prompt, keys, values, fingerprint)
         recent.append((clock.now_s, prompt))
         assert stored_bytes(cache) == cache.used_bytes <= cache.max_bytes
     stats = cache.stats()
@@ -215,3 +218,59 @@ def test_churn_never_exceeds_the_limit_never_serves_expired_entries_and_counts_a
     assert stats["hits"] == served and stats["reused_tokens"] == reused
     assert stats["evicted_tokens"] > 0 and stats["expired_tokens"] > 0 and stats["rejected"] > 0
     assert stats["invalidations"] > 0 and 0.2 < stats["hits"] / 10_000 < 1
+
+
+# ---- the notebook's workloads, on a tiny model with the default tokenizer's vocabulary ------------------------
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from llmopt.loading import default_checkpoint_dir
+
+    return AutoTokenizer.from_pretrained(default_checkpoint_dir())
+
+
+@pytest.fixture(scope="module")
+def tiny_wide():
+    return tiny_model("llama", seed=5, vocab_size=49152, max_position_embeddings=1024)
+
+
+def test_scenario_has_the_documents_token_counts(tokenizer):
+    from llmopt.prefix_workload import scenario
+
+    first, same_tenant, other_tenant = scenario(tokenizer, 0, 0), scenario(tokenizer, 0, 1), scenario(tokenizer, 1, 0)
+    assert (len(first.system_ids), len(first.demonstration_ids), len(first.user_ids)) == (50, 200, 20)
+    assert first.prefix_ids == same_tenant.prefix_ids and first.user_ids != same_tenant.user_ids
+    assert first.prefix_ids != other_tenant.prefix_ids
+
+
+def test_cold_vs_warm_rows_equivalence_and_document_table(tiny_wide, tokenizer):
+    from llmopt import prefix_workload as w
+
+    frame = w.cold_vs_warm(tiny_wide, tokenizer, [50, 250], new_tokens=3, repeats=2, warmup=0)
+    assert len(frame) == 3 * 2 * 2
+    warm, cold = frame[frame.engine == "warm (hit)"], frame[frame.engine == "cold (miss)"]
+    assert (warm.processed_tokens == 20).all() and (cold.cached_tokens == 0).all()
+    plain = frame[frame.engine == "no prefix cache"]
+    assert (plain.processed_tokens == plain.prefix_tokens + 20).all()
+    assert w.equivalence(frame).all().all()
+    table = w.summarize(frame)
+    assert set(table.engine) == {"no prefix cache", "cold (miss)", "warm (hit)"}
+    assert (table[table.engine == "no prefix cache"]["end_to_end_s / no cache"] == 1).all()
+    versus = w.versus_document(table)
+    assert len(versus) == 5 and versus.measured.notna().all()
+    assert versus.set_index("condition").loc["scenario", "measured"] == 270 / 20
+
+
+def test_multi_tenant_replay_respects_the_limit_and_counts(tiny_wide, tokenizer):
+    from llmopt.kv_cache import kv_bytes_per_token
+    from llmopt.prefix_workload import multi_tenant
+
+    limit = 600 * kv_bytes_per_token(tiny_wide.config, torch.float32)
+    frame = multi_tenant(tiny_wide, tokenizer, requests=40, tenants=5, users=6, max_bytes=limit, ttl_s=20)
+    assert (frame.cache_bytes <= limit).all() and frame.prefix_hit.any() and not frame.prefix_hit.all()
+    assert frame.cache_hit_rate_so_far.iloc[-1] == pytest.approx(frame.any_reuse.mean())
+    assert (frame[frame.prefix_hit].cached_tokens >= 250).all()
+    assert frame.evicted_tokens.iloc[-1] > 0
+    assert (frame.processed_tokens == frame.prompt_tokens - frame.cached_tokens).all()
