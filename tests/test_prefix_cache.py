@@ -168,6 +168,25 @@ def test_lru_evicts_the_least_recently_used_and_refuses_oversized_entries():
     assert stored_bytes(cache) == cache.used_bytes <= cache.max_bytes
 
 
+def test_insertion_evicts_before_it_copies(monkeypatch):
+    import llmopt.prefix_cache as module
+
+    cache = PrefixCache(max_bytes=2 * 10 * BYTES_PER_TOKEN, clock=Clock())
+    for seq in ([1] * 10, [2] * 10):
+        cache.insert(seq, *synthetic_kv(seq), "m")
+    real_stack, seen = torch.stack, []
+
+    def checked_stack(tensors, *args, **kwargs):
+        out = real_stack(tensors, *args, **kwargs)
+        seen.append(cache.used_bytes + out.numel() * out.element_size())
+        return out
+
+    monkeypatch.setattr(module.torch, "stack", checked_stack)
+    seq = [3] * 8 + [1, 1]
+    assert cache.insert(seq, *synthetic_kv(seq), "m") == 10
+    assert seen and max(seen) <= cache.max_bytes  # at the moment of the copy the old entry was already gone
+
+
 def test_ttl_expires_unused_entries():
     clock = Clock()
     cache = PrefixCache(max_bytes=10**6, ttl_s=10, clock=clock)
