@@ -14,6 +14,7 @@ import torch
 
 from .errors import ContextLengthError, InvalidParameterError
 from .kv_cache import make_cache
+from .prefix_cache import model_fingerprint
 from .sampling import SamplingParams, sample
 
 
@@ -45,6 +46,7 @@ class Generation:
     text: str = ""
     finish_reason: str = "length"  # length | eos | stop
     token_times_s: list[float] = field(default_factory=list)  # when each token was ready
+    prefix_cached_tokens: int = 0  # prompt tokens whose KV came from a prefix cache (not prefilled)
 
     @property
     def time_to_first_token_s(self) -> float:
@@ -78,14 +80,18 @@ class Decoder:
 
     compile: run cached decode steps through `torch.compile` (prefill stays eager). Compilation happens on the
     first decode step; call `warm_up()` to pay it outside any timed region (it returns the seconds spent).
+    prefix_cache: an `llmopt.prefix_cache.PrefixCache`; prefill then runs only on the uncached suffix.
     """
 
     def __init__(self, model, tokenizer=None, cache: str = "static", eos_token_ids: Sequence[int] | None = None,
-                 compile: bool = False):
+                 compile: bool = False, prefix_cache=None):
         make_cache(cache, model.config, 1)  # validates the kind early
         if compile and cache in (None, "none"):
             raise InvalidParameterError("compile applies to the cached decode step; use cache='static'")
+        if prefix_cache is not None and cache in (None, "none"):
+            raise InvalidParameterError("a prefix cache needs a KV cache: use cache='static' or 'dynamic'")
         self.decode_forward = torch.compile(model, dynamic=True) if compile else model
+        self.prefix_cache = prefix_cache
         self.model, self.tokenizer, self.cache_kind = model, tokenizer, cache
         ids = set(eos_token_ids if eos_token_ids is not None else model.config.eos_token_ids)
         if eos_token_ids is None and tokenizer is not None and tokenizer.eos_token_id is not None:
@@ -164,7 +170,14 @@ class Decoder:
         sequence = torch.tensor([record.prompt_ids], device=self.device)
         start = time.perf_counter()
         with torch.inference_mode():
-            logits = model(sequence, positions[:prompt_length], cache, last_only=True)
+            reused, fingerprint = 0, None
+            if self.prefix_cache is not None:  # reuse the longest cached prefix, keeping >= 1 token to prefill
+                fingerprint = model_fingerprint(model)
+                reused = self.prefix_cache.load_into(cache, record.prompt_ids[:-1], fingerprint)
+            logits = model(sequence[:, reused:], positions[reused:prompt_length], cache, last_only=True)
+            if self.prefix_cache is not None:
+                self.prefix_cache.store_from(cache, record.prompt_ids, fingerprint)
+            record.prefix_cached_tokens = reused
             for step in range(config.max_new_tokens):
                 next_token = sample(logits[:, -1], params, generator)
                 token_id = int(next_token)

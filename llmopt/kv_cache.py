@@ -58,6 +58,16 @@ class StaticCache:
     def reset(self) -> None:
         self.crop(0)
 
+    def load(self, keys, values) -> None:
+        """Start from a stored prefix (a prefix cache's hit): per layer keys/values [B, Hkv, n, D], copied in."""
+        n = keys[0].shape[2]
+        if len(keys) != len(self.keys) or n > self.max_length:
+            raise ContextLengthError(f"a {len(keys)}-layer prefix of {n} tokens does not fit this cache")
+        for layer, (k, v) in enumerate(zip(keys, values)):
+            self.keys[layer][:, :, :n] = k
+            self.values[layer][:, :, :n] = v
+        self.lengths = [n] * len(self.lengths)
+
     @property
     def allocated_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
@@ -99,6 +109,12 @@ class DynamicCache:
     def reset(self) -> None:
         self.keys = [None] * len(self.keys)
         self.values = [None] * len(self.values)
+
+    def load(self, keys, values) -> None:
+        """Start from a stored prefix (a prefix cache's hit): per layer keys/values [B, Hkv, n, D]."""
+        if len(keys) != len(self.keys) or (self.max_length is not None and keys[0].shape[2] > self.max_length):
+            raise ContextLengthError(f"a {len(keys)}-layer prefix of {keys[0].shape[2]} tokens does not fit")
+        self.keys, self.values = list(keys), list(values)  # update() concatenates: never writes into them
 
     @property
     def allocated_bytes(self) -> int:
