@@ -114,9 +114,10 @@ def peak_memory_bytes(fn: Callable[[], Any], device="cpu") -> tuple[Any, int]:
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         result = fn()
     current = peak = 0
-    events = sorted((e for e in prof.events() if e.cpu_memory_usage), key=lambda e: e.time_range.start)
+    # self_: an op's own allocations; the inclusive figure would count them again in every parent op
+    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start)
     for e in events:
-        current += e.cpu_memory_usage
+        current += e.self_cpu_memory_usage
         peak = max(peak, current)
     return result, peak
 
