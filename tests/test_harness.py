@@ -60,3 +60,13 @@ def test_evaluation_text_splits_are_disjoint():
     cal, held = datasets.evaluation_text("calibration"), datasets.evaluation_text("heldout")
     assert len(cal) > 100_000 and len(held) > 50_000
     assert held[:2000] not in cal
+
+
+def test_cpu_peak_memory_counts_nested_allocations_once():
+    import torch
+
+    x = torch.ones(1000, 1000)  # 4 MB
+    # repeat_interleave allocates through nested ops (clone -> empty_like -> empty): one 8 MB result
+    result, peak = harness.peak_memory_bytes(lambda: x.repeat_interleave(2, dim=0))
+    assert result.shape == (2000, 1000)
+    assert 8_000_000 <= peak < 9_000_000
