@@ -227,3 +227,85 @@ def tokens_identical(frame: pd.DataFrame, baseline: str = "naive") -> pd.DataFra
             rows.append({"context_tokens": length, "backend": name, "new_tokens": len(ids),
                          "identical_to_" + baseline: list(ids) == list(reference[baseline])})
     return pd.DataFrame(rows)
+
+
+def sdpa_dispatch_table(length: int = 512, num_heads: int = 9, num_kv_heads: int = 3, head_dim: int = 64,
+                        dtype=torch.float32, device="cpu") -> pd.DataFrame:
+    """Which kernel `sdpa` runs for the calls the model makes: causal prefill with GQA (`enable_gqa=True`),
+    the same with K/V expanded to every head beforehand, a decode step, a prefill chunk after cached keys
+    (explicit mask), and a padded batch's mask. Found with `attention.sdpa_kernel_used`."""
+    groups = num_heads // num_kv_heads
+    q, k, v = op_inputs(length, num_heads, num_kv_heads, head_dim, 1, dtype, device)
+    chunk = max(1, length // 8)
+    padding = torch.ones(1, 1, 1, length, dtype=torch.bool, device=device)
+    padding[..., : max(1, length // 16)] = False
+    cases = {
+        "prefill, causal, GQA (enable_gqa=True)": (q, k, v, None),
+        "prefill, causal, K/V expanded to every head": (q, k.repeat_interleave(groups, 1),
+                                                        v.repeat_interleave(groups, 1), None),
+        "decode step (1 query, every key)": (q[:, :, -1:], k, v, None),
+        f"prefill chunk of {chunk} after {length - chunk} cached keys (mask)": (q[:, :, -chunk:], k, v, None),
+        "padded batch (explicit bool mask)": (q, k, v, padding & attention.causal_mask(length, length, device)),
+    }
+    rows = []
+    for case, (cq, ck, cv, mask) in cases.items():
+        op = attention.sdpa_kernel_used(cq, ck, cv, mask)
+        rows.append({"call": case, "aten_op": op, "kernel": attention.SDPA_KERNELS.get(op, "unknown")})
+    return pd.DataFrame(rows)
+
+
+def equivalence_table(backends: list[str] | None = None, length: int = 512, num_heads: int = 9,
+                      num_kv_heads: int = 3, head_dim: int = 64, device="cpu") -> pd.DataFrame:
+    """Max abs error of every backend against fp32 `naive` on random inputs: causal prefill, a prefill chunk
+    after cached keys, a decode step and an explicit (padding + causal) mask. fp32 inputs, except flash_attn,
+    which only runs in fp16 (its tolerance is fp16's). `within_tolerance` is what the check asserts."""
+    backends = list(backends or attention.available_backends())
+    q, k, v = op_inputs(length, num_heads, num_kv_heads, head_dim, 2, torch.float32, device, seed=1)
+    chunk = max(1, length // 8)
+    padding = torch.ones(2, 1, 1, length, dtype=torch.bool, device=device)
+    padding[1, ..., 1: 1 + max(1, length // 16)] = False
+    cases = {"causal prefill": (q, None), f"chunk of {chunk} after {length - chunk} cached": (q[:, :, -chunk:], None),
+             "decode step": (q[:, :, -1:], None),
+             "explicit mask": (q, padding & attention.causal_mask(length, length, device))}
+    rows = []
+    for case, (cq, mask) in cases.items():
+        reference = attention.naive(cq, k, v, mask)
+        for name in (b for b in backends if b != "naive"):
+            half = name == "flash_attn"
+            cast = (lambda t: t.half()) if half else (lambda t: t)
+            out = attention.get_backend(name)(cast(cq), cast(k), cast(v), mask)
+            error = (out.float() - reference).abs().max().item()
+            tolerance = 5e-3 if half else 1e-5
+            rows.append({"case": case, "backend": name, "dtype": "fp16" if half else "fp32",
+                         "max_abs_error": error, "tolerance": tolerance, "within_tolerance": error <= tolerance})
+    return pd.DataFrame(rows)
+
+
+def estimate_table(op_frame: pd.DataFrame, model_frame: pd.DataFrame | None, estimates: pd.DataFrame,
+                   backends=("sdpa", "tiled", "flash_attn")) -> pd.DataFrame:
+    """The document's speedup estimates (per context length) beside the measured speedups over `naive`: of the
+    attention op, and of whole-model prefill where it ran; one row per (length, backend, scope) with a verdict."""
+    from .datasets import verdict
+
+    op_speedup = op_speedups(op_frame)
+    prefill = None
+    if model_frame is not None and len(model_frame):
+        ran = model_frame[~model_frame.skipped]
+        table = ran.pivot(index="context_tokens", columns="backend", values="prefill_s")
+        if "naive" in table:
+            prefill = 1 / table.div(table["naive"], axis=0)
+    rows = []
+    for _, estimate in estimates.iterrows():
+        length = int(str(estimate.condition).split()[0])
+        for name in backends:
+            measured = {"attention op": op_speedup.get(f"speedup {name}", pd.Series(dtype=float)).get(length),
+                        "whole-model prefill": None if prefill is None or name not in prefill
+                        else prefill[name].get(length)}
+            for scope, value in measured.items():
+                if value is None or value != value:
+                    continue
+                rows.append({"context_tokens": length, "backend": name, "scope": scope,
+                             "estimate (document)": estimate.document_text, "measured speedup vs naive": value,
+                             "verdict": verdict(value, estimate.low, estimate.high)})
+    columns = ["context_tokens", "backend", "scope", "estimate (document)", "measured speedup vs naive", "verdict"]
+    return pd.DataFrame(rows, columns=columns)

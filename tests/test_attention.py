@@ -224,3 +224,29 @@ def test_model_benchmark_rows(default_model):
     identical = attention_bench.tokens_identical(frame)
     assert identical["identical_to_naive"].all() and len(identical) == 3
     assert model.attention_backend == "sdpa"  # restored
+
+
+def test_sdpa_dispatch_and_equivalence_tables():
+    dispatch = attention_bench.sdpa_dispatch_table(64)
+    assert len(dispatch) == 5 and (dispatch.kernel != "unknown").all()
+    if torch.__version__ >= "2.5":  # enable_gqa exists; on CPU it keeps the flash kernel
+        assert dispatch.kernel.iloc[0] == dispatch.kernel.iloc[1]
+    table = attention_bench.equivalence_table(["naive", "tiled", "sdpa"], length=64)
+    assert set(table.backend) == {"tiled", "sdpa"} and len(table) == 8
+    assert table.within_tolerance.all() and (table.max_abs_error > 0).any()
+
+
+def test_estimate_table_puts_verdicts_beside_measured_speedups():
+    import pandas as pd
+
+    op = pd.DataFrame({"backend": ["naive", "sdpa", "naive", "sdpa"], "context_tokens": [512, 512, 2048, 2048],
+                       "time_median_s": [1.0, 0.5, 10.0, 1.0], "peak_bytes": [100, 10, 1000, 10],
+                       "skipped": False})
+    model = pd.DataFrame({"backend": ["naive", "sdpa"], "context_tokens": [512, 512], "prefill_s": [2.0, 1.6],
+                          "skipped": False})
+    estimates = pd.DataFrame({"condition": ["512 tokens", "2048 tokens"], "low": [1.5, 2.5], "high": [1.5, 2.5],
+                              "document_text": ["1.5x", "2.5x"]})
+    table = attention_bench.estimate_table(op, model, estimates, backends=("sdpa",))
+    assert list(table.scope) == ["attention op", "whole-model prefill", "attention op"]
+    assert table["measured speedup vs naive"].tolist() == pytest.approx([2.0, 1.25, 10.0])
+    assert table.verdict.iloc[0].startswith("exceeded") and table.verdict.iloc[1].startswith("refuted")
