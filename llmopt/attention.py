@@ -157,7 +157,8 @@ def _flash_attn_unavailable() -> str | None:
 
 
 def flash_attn(q, k, v, mask=None):
-    """The `flash-attn` package's kernel (Dao 2023): CUDA, fp16/bf16, GQA native, causal aligned bottom-right.
+    """The `flash-attn` package's kernel (Dao 2023): CUDA, fp16/bf16, GQA native, causal aligned bottom-right
+    (flash-attn >= 2.1; older versions align top-left).
 
     flash-attn takes no arbitrary mask: calls with an explicit mask (padded batches) go to `sdpa` instead."""
     if mask is not None:
