@@ -74,3 +74,12 @@ def test_peak_memory_counts_live_tensors_only():
 
     _, peak = harness.peak_memory_bytes(work)
     assert 12_000_000 <= peak < 12_100_000
+
+def test_cpu_peak_memory_counts_nested_allocations_once():
+    import torch
+
+    x = torch.ones(1000, 1000)  # 4 MB
+    # repeat_interleave allocates through nested ops (clone -> empty_like -> empty): one 8 MB result
+    result, peak = harness.peak_memory_bytes(lambda: x.repeat_interleave(2, dim=0))
+    assert result.shape == (2000, 1000)
+    assert 8_000_000 <= peak < 9_000_000
