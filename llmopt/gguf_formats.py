@@ -144,7 +144,7 @@ def load_gguf_layers(model: nn.Module, path: str | Path,
     pre-quantized route, no re-quantization. Tensors the file stores otherwise (F32 norms, the embedding)
     keep the model's values."""
     cfg = model.config
-    weights, _ = read_gguf_linears(path, cfg.num_heads, cfg.num_kv_heads)
+    weights, _ = read_gguf_linears(path, cfg.num_heads, cfg.num_kv_heads, only=set(linear_names(model)))
     for name, q in weights.items():
         linear = model.get_submodule(name)
         if tuple(linear.weight.shape) != q.shape:

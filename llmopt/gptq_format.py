@@ -9,7 +9,9 @@ Per quantized linear layer `<name>` (bits b, K inputs, N outputs, G groups), in 
 - `<name>.g_idx`   int32 [K]: the group of each input column (not monotone after act-order);
 - `<name>.bias` when the layer has one. Other tensors (embedding, norms) are stored dense.
 `config.json` carries `quantization_config` (quant_method "gptq", bits, group_size, desc_act, sym,
-checkpoint_format), also written to `quantize_config.json` as auto-gptq did.
+checkpoint_format), also written to `quantize_config.json` as auto-gptq did. Layers at other settings than the
+rest (an 8-bit lm_head beside 4-bit layers) are listed under `dynamic` as `{"+:^<name>$": {"bits", "group_size"}}`,
+the per-module override syntax of gptqmodel (auto-gptq has no such field; such a file is ours and gptqmodel's).
 
 v1 cannot store a zero point of 0 (it reads back as 2**bits, the format's known off-by-one); when an asymmetric
 grid has one we write v2, which gptqmodel reads. Scales are stored as fp16 (so they round-trip exactly after that
@@ -19,6 +21,7 @@ place in this format.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -95,12 +98,11 @@ def save_checkpoint(path: str | Path, model: nn.Module, weights: dict[str, Quant
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    first = next(iter(weights.values()))
-    bits = first.bits
-    per_channel = all(q.scales.shape[1] == 1 for q in weights.values())  # one group per row: group_size -1
-    group_size = -1 if per_channel else first.group_size
-    if any(q.bits != bits or not (per_channel or q.group_size == group_size) for q in weights.values()):
-        raise InvalidParameterError("every layer of a GPTQ checkpoint must share bits and group_size")
+    settings = {name: (q.bits, -1 if q.scales.shape[1] == 1 else q.group_size) for name, q in weights.items()}
+    body = [v for name, v in settings.items() if name != "lm_head"] or list(settings.values())
+    bits, group_size = max(set(body), key=body.count)  # the checkpoint's setting; other layers get overrides
+    dynamic = {f"+:^{re.escape(checkpoint_key(name))}$": {"bits": b, "group_size": g}
+               for name, (b, g) in settings.items() if (b, g) != (bits, group_size)}
     if checkpoint_format is None:
         has_zero = any((q.zeros == 0).any() for q in weights.values())
         checkpoint_format = "gptq_v2" if has_zero else "gptq"
@@ -122,8 +124,10 @@ def save_checkpoint(path: str | Path, model: nn.Module, weights: dict[str, Quant
     quantization_config = {
         "quant_method": "gptq", "bits": bits, "group_size": group_size,
         "desc_act": bool(desc_act), "sym": bool(symmetric), "checkpoint_format": checkpoint_format,
-        "damp_percent": damp, "true_sequential": False, "quantized_layers": sorted(quantized),
+        "damp_percent": damp, "true_sequential": False, "lm_head": "lm_head" in quantized,
     }
+    if dynamic:
+        quantization_config["dynamic"] = dynamic
     config = hf_config.to_dict() if hasattr(hf_config, "to_dict") else dict(hf_config)
     config["quantization_config"] = quantization_config
     config["tie_word_embeddings"] = bool(model.config.tie_word_embeddings) and "lm_head" not in quantized
@@ -148,11 +152,15 @@ def read_weights(path: str | Path) -> tuple[dict[str, QuantizedWeight], dict[str
     tensors = {}
     for f in sorted(path.glob("*.safetensors")):
         tensors.update(load_file(str(f)))
-    bits, group_size = int(qconfig["bits"]), int(qconfig.get("group_size", -1))
     checkpoint_format = qconfig.get("checkpoint_format", "gptq")
     layers = sorted({k[:-len(".qweight")] for k in tensors if k.endswith(".qweight")})
     weights = {}
     for key in layers:
+        bits, group_size = int(qconfig["bits"]), int(qconfig.get("group_size", -1))
+        for pattern, override in (qconfig.get("dynamic") or {}).items():  # per-layer settings (gptqmodel's syntax)
+            if not pattern.startswith("-:") and re.match(pattern.removeprefix("+:"), key):
+                bits, group_size = int(override.get("bits", bits)), int(override.get("group_size", group_size))
+                break
         parts = {p: tensors.pop(f"{key}.{p}") for p in ("qweight", "qzeros", "scales", "g_idx")}
         k = parts["g_idx"].numel()
         weights[module_name(key)] = from_tensors(parts, bits, k if group_size == -1 else group_size, checkpoint_format)

@@ -265,33 +265,44 @@ def apply_quantized(model: nn.Module, weights: dict[str, QuantizedWeight],
 
 
 def quantize_model(model: nn.Module, method: str = "rtn", bits: int = 4, group_size: int | None = 64,
-                   symmetric: bool = False, include_lm_head: bool = True,
+                   symmetric: bool = False, include_lm_head: bool = True, lm_head_bits: int | None = None,
                    activation_dtype: torch.dtype = torch.bfloat16, calibration_ids: torch.Tensor | None = None,
                    **gptq_options) -> dict[str, QuantizedWeight]:
     """Quantize `model`'s linear layers in place (gpt-fast style) and return the integer weights (for saving).
 
     method: 'rtn' (round-to-nearest, no data) or 'gptq' (needs `calibration_ids` [n, T], see `llmopt.gptq`).
-    bits=8 is per output channel and symmetric (the int8 kernel's form); bits=4 is group-wise."""
-    if bits == 8:
-        group_size, symmetric = None, True
-    elif bits != 4:
-        raise InvalidParameterError(f"bits must be 8 or 4, got {bits}")
-    names = linear_names(model, include_lm_head)
-    if bits == 4:
-        for name in names:
-            out_features, in_features = model.get_submodule(name).weight.shape
-            reason = int4_supported(out_features, in_features, group_size)
-            if reason:
-                raise InvalidParameterError(f"cannot quantize {name} to int4 with group_size {group_size}: {reason}")
+    bits=8 is per output channel and symmetric (the int8 kernel's form); bits=4 is group-wise.
+    lm_head: quantized when `include_lm_head`, at `lm_head_bits` (default `bits`); a head at other bits than the
+    rest is rounded to nearest (llama.cpp's 4-bit files likewise keep the output matrix at higher precision)."""
+    head_bits = (lm_head_bits or bits) if include_lm_head else None
+    for b in (bits, head_bits):
+        if b not in (8, 4, None):
+            raise InvalidParameterError(f"bits must be 8 or 4, got {b}")
+    plan = {name: bits for name in linear_names(model, include_lm_head=False)}
+    if head_bits:
+        plan["lm_head"] = head_bits
+    for name, b in plan.items():
+        out_features, in_features = model.get_submodule(name).weight.shape
+        reason = int4_supported(out_features, in_features, group_size) if b == 4 else None
+        if reason:
+            raise InvalidParameterError(f"cannot quantize {name} to int4 with group_size {group_size}: {reason}")
+
+    def round_to_nearest(name: str) -> QuantizedWeight:
+        b = plan[name]
+        return rtn(model.get_submodule(name).weight, b, None if b == 8 else group_size, True if b == 8 else symmetric)
+
     if method == "rtn":
-        weights = {name: rtn(model.get_submodule(name).weight, bits, group_size, symmetric) for name in names}
+        weights = {name: round_to_nearest(name) for name in plan}
     elif method == "gptq":
         from . import gptq
 
         if calibration_ids is None:
             raise InvalidParameterError("GPTQ needs calibration_ids (token ids [n_samples, length])")
-        weights = gptq.quantize_weights(model, calibration_ids, names, bits=bits, group_size=group_size,
-                                        symmetric=symmetric, **gptq_options)
+        same_bits = [name for name, b in plan.items() if b == bits]
+        weights = gptq.quantize_weights(model, calibration_ids, same_bits, bits=bits,
+                                        group_size=None if bits == 8 else group_size,
+                                        symmetric=True if bits == 8 else symmetric, **gptq_options)
+        weights.update({name: round_to_nearest(name) for name in plan if name not in weights})
     else:
         raise InvalidParameterError(f"unknown quantization method {method!r}; use 'rtn' or 'gptq'")
     apply_quantized(model, weights, activation_dtype)

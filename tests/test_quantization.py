@@ -144,6 +144,7 @@ def test_pack_int32_matches_the_gptq_bit_layout():
     ("llama", dict(method="rtn", bits=4, group_size=32)),
     ("qwen2", dict(method="rtn", bits=8)),  # q/k/v biases travel with the packed layers
     ("llama", dict(method="gptq", bits=4, group_size=32, symmetric=True, act_order=True)),
+    ("llama", dict(method="gptq", bits=4, group_size=64, lm_head_bits=8)),  # mixed bits: a `dynamic` override
 ])
 def test_gptq_format_checkpoint_reloads_bit_exactly(model_type, options, tmp_path):
     model = tiny_model(model_type)
