@@ -44,3 +44,11 @@ def tiny_pair(model_type: str = "llama", seed: int = 0, dtype=torch.float32, ini
 def tiny_model(model_type: str = "llama", seed: int = 0, dtype=torch.float32, **overrides):
     """Just our model, random weights."""
     return tiny_pair(model_type, seed, dtype, **overrides)[1]
+
+
+def truncated(model, num_layers: int):
+    """`model` keeping only its first `num_layers` blocks: a real vocabulary and tokenizer at a fraction of the
+    compute, for notebook smoke runs (the outputs are meaningless)."""
+    model.layers = model.layers[:num_layers]
+    model.config.num_layers = num_layers
+    return model
