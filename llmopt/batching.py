@@ -93,6 +93,7 @@ class RunResult:
     useful_tokens: int  # real prompt tokens + the decode inputs of unfinished sequences
     decode_steps: int = 0
     decode_rows: int = 0  # sum over decode steps of the rows computed (padding rows included)
+    prefill_s: float = math.nan  # the part of forward_s spent in prefill calls
 
     @property
     def tokens(self) -> dict[int, list[int]]:
@@ -103,7 +104,8 @@ class RunResult:
         return pd.DataFrame([{
             "scheduler": self.scheduler, "max_batch": self.max_batch, "request_id": r.request_id,
             "prompt_tokens": r.prompt_tokens, "max_new_tokens": r.max_new_tokens, "new_tokens": len(r.token_ids),
-            "finish_reason": r.finish_reason, "completions": r.completions, "arrival_s": r.arrival_s, "start_s": r.start_s,
+            "finish_reason": r.finish_reason, "completions": r.completions, "arrival_s": r.arrival_s,
+            "start_s": r.start_s,
             "first_token_s": r.first_token_s, "last_token_s": r.last_token_s, "finish_s": r.finish_s,
             "latency_s": r.latency_s, "time_to_first_token_s": r.time_to_first_token_s, "queue_s": r.queue_s,
         } for r in self.records])
@@ -125,33 +127,41 @@ class RunResult:
             "ttft_p50_s": float(np.percentile(ttft, 50)), "ttft_p95_s": float(np.percentile(ttft, 95)),
             "ttft_p99_s": float(np.percentile(ttft, 99)),
             "queue_mean_s": float(np.mean([r.queue_s for r in self.records])),
-            "forward_s": self.forward_s, "busy_fraction": self.forward_s / self.wall_s,
+            "forward_s": self.forward_s, "prefill_s": self.prefill_s, "busy_fraction": self.forward_s / self.wall_s,
             "forward_calls": self.forward_calls, "computed_tokens": self.computed_tokens,
             "useful_tokens": self.useful_tokens, "padded_tokens": padded,
-            "padding_waste": padded / self.computed_tokens if self.computed_tokens else 0.0,
+            "padding_waste": padded / self.computed_tokens if self.computed_tokens else math.nan,
             "mean_decode_rows": self.decode_rows / self.decode_steps if self.decode_steps else math.nan,
+            # decode inputs that belong to unfinished requests (each request's first token comes from prefill)
+            "useful_rows_per_decode_step": ((generated - len(self.records)) / self.decode_steps
+                                            if self.decode_steps else math.nan),
             "forward_cpu_wall_ratio": cpu_ratio,
             "contended": threads > 1 and cpu_ratio < 0.5 * threads,
         }
 
 
 class ForwardMeter:
-    """Hooks on the model that add up wall and CPU time spent inside `forward` and the token positions fed."""
+    """Hooks on the model that add up wall and CPU time spent inside `forward` and the token positions fed.
+
+    A call with more than one position per row counts as prefill, one position as a decode step."""
 
     def __init__(self, model, device):
         self.model, self.device = model, device
-        self.seconds = self.cpu_seconds = 0.0
+        self.seconds = self.cpu_seconds = self.prefill_seconds = 0.0
         self.calls = self.tokens = 0
         self._handles = []
 
     def _before(self, module, args):
         synchronize(self.device)
         self._t0, self._c0 = time.perf_counter(), time.process_time()
+        self._prefill = args[0].shape[1] > 1
         self.tokens += args[0].numel()
 
     def _after(self, module, args, output):
         synchronize(self.device)
-        self.seconds += time.perf_counter() - self._t0
+        seconds = time.perf_counter() - self._t0
+        self.seconds += seconds
+        self.prefill_seconds += seconds if self._prefill else 0.0
         self.cpu_seconds += time.process_time() - self._c0
         self.calls += 1
 
@@ -480,4 +490,5 @@ def run(scheduler: str, model, requests: Sequence[Request], max_batch: int = 8, 
         wall_s = state.now()
     records = sorted(state.records.values(), key=lambda r: r.request_id)
     return RunResult(scheduler, state.max_batch, timeout_ms, records, wall_s, meter.seconds, meter.cpu_seconds,
-                     meter.calls, meter.tokens, state.useful_tokens, state.decode_steps, state.decode_rows)
+                     meter.calls, meter.tokens, state.useful_tokens, state.decode_steps, state.decode_rows,
+                     meter.prefill_seconds)

@@ -10,7 +10,9 @@
   requests" of the design document) or a Poisson process (`arrival="poisson"`, exponential gaps at `rate_per_s`),
   the standard open-loop load model of serving benchmarks (vLLM's `benchmark_serving --request-rate`).
 
-Everything is drawn from one `numpy.random.Generator(seed)`; `Workload.frame()` and `Workload.params` are what
+Everything is drawn from one `numpy.random.Generator(seed)`, prompts and caps before arrivals, so one seed gives
+the same prompts and caps whatever the arrival process (a burst and a Poisson workload differ only in when
+requests arrive, and their greedy answers must be the same). `Workload.frame()` and `Workload.params` are what
 the notebook saves beside its results so a run can be reproduced.
 """
 from __future__ import annotations
