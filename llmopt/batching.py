@@ -128,6 +128,9 @@ class RunResult:
             "ttft_p99_s": float(np.percentile(ttft, 99)),
             "queue_mean_s": float(np.mean([r.queue_s for r in self.records])),
             "forward_s": self.forward_s, "prefill_s": self.prefill_s, "busy_fraction": self.forward_s / self.wall_s,
+            # tokens from decode steps per second of decode forward time (prefill excluded)
+            "decode_tokens_per_s": (generated - len(self.records)) / (self.forward_s - self.prefill_s)
+            if self.forward_s > self.prefill_s else math.nan,
             "forward_calls": self.forward_calls, "computed_tokens": self.computed_tokens,
             "useful_tokens": self.useful_tokens, "padded_tokens": padded,
             "padding_waste": padded / self.computed_tokens if self.computed_tokens else math.nan,

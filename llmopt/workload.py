@@ -18,7 +18,7 @@ the notebook saves beside its results so a run can be reproduced.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import pandas as pd
@@ -62,6 +62,10 @@ class Workload:
         for key, value in asdict(self.params).items():
             frame[f"workload_{key}"] = value
         return frame
+
+    def head(self, n: int) -> "Workload":
+        """The first `n` requests (same prompts, caps and arrivals)."""
+        return Workload(replace(self.params, n_requests=min(n, len(self.requests))), self.requests[:n])
 
     @property
     def total_max_new_tokens(self) -> int:
