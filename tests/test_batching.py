@@ -182,3 +182,36 @@ def test_default_model_schedulers_match_the_plain_decoder(default_model):
     for scheduler in ("static", "dynamic", "continuous"):
         result = batching.run(scheduler, lm.model, wl.requests, max_batch=4, timeout_ms=0, tokenizer=lm.tokenizer)
         assert result.tokens == expected, scheduler
+
+
+def test_benchmark_helpers_on_a_small_grid(tiny):
+    from llmopt import batching_benchmark as bench
+
+    pool = workload.random_pool(tiny.config.vocab_size, 8, 2, 12, seed=2)
+    wl = workload.make_workload(pool, 6, seed=1, min_new_tokens=2, max_new_tokens=6)
+    frame, runs = bench.run_grid(tiny, {"burst": wl, "single": wl.head(2)}, bench.configurations([1, 2]),
+                                 repeats=1, timeout_ms=0, progress=False)
+    assert len(frame) == 2 * 7 and set(frame.scheduler) == set(batching.SCHEDULERS)
+    checks = bench.equivalence(runs)
+    assert (checks.identical == checks.requests).all()
+    summary = bench.summarize(frame)
+    sequential = summary[summary.scheduler == "sequential"]
+    assert (sequential.throughput_vs_sequential == 1).all()
+    table = bench.by_concurrency(summary[summary.workload == "burst"], [1, 2], summary[summary.workload == "single"])
+    assert len(table) == 8 and set(table[table.concurrency == 1].workload) == {"single"}
+    document = bench.document_table(summary, "burst", concurrency=2, single_workload="single")
+    assert {"static", "dynamic", "continuous", "sequential"} <= set(document.scheduler)
+    assert document.verdict.str.len().gt(0).sum() >= len(document) - 3  # decode-phase rows carry no estimate
+
+
+def test_transformers_continuous_batching_engine_maps_requests_back():
+    from llmopt import batching_benchmark as bench
+    from llmopt.testing import tiny_pair
+
+    hf_model, ours = tiny_pair("llama", seed=3)
+    pool = workload.random_pool(ours.config.vocab_size, 6, 2, 10, seed=4)
+    wl = workload.make_workload(pool, 5, seed=2, min_new_tokens=2, max_new_tokens=6)
+    expected = reference_tokens(ours, wl.requests, eos=[2])
+    result = bench.transformers_continuous(hf_model, wl.requests, max_batch=2, eos_token_ids=[2])
+    assert sorted(result.tokens) == [r.request_id for r in wl.requests]
+    assert result.tokens == expected
