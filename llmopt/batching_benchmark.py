@@ -21,10 +21,10 @@ from .batching import SCHEDULERS, RequestRecord, RunResult, run
 from .harness import spread
 from .workload import Request, Workload
 
-METRICS = ["tokens_per_s", "decode_tokens_per_s", "requests_per_s", "wall_s", "latency_p50_s", "latency_p95_s", "latency_p99_s",
-           "ttft_p50_s", "ttft_p95_s", "queue_mean_s", "busy_fraction", "padding_waste", "mean_decode_rows",
-           "useful_rows_per_decode_step",
-           "prefill_s", "forward_s", "generated_tokens", "useful_tokens", "padded_tokens", "forward_cpu_wall_ratio"]
+METRICS = ["tokens_per_s", "decode_tokens_per_s", "requests_per_s", "wall_s", "latency_p50_s", "latency_p95_s",
+           "latency_p99_s", "ttft_p50_s", "ttft_p95_s", "queue_mean_s", "busy_fraction", "padding_waste",
+           "mean_decode_rows", "useful_rows_per_decode_step", "prefill_s", "forward_s", "generated_tokens",
+           "useful_tokens", "padded_tokens", "forward_cpu_wall_ratio"]
 
 
 def configurations(concurrencies: Sequence[int], schedulers: Sequence[str] = SCHEDULERS) -> list[tuple[str, int]]:

@@ -27,7 +27,8 @@ def reference_tokens(model, requests, eos):
     for r in requests:
         key = (r.prompt_ids, r.max_new_tokens)
         if key not in memo:
-            memo[key] = decoder.generate(list(r.prompt_ids), GenerationConfig(max_new_tokens=r.max_new_tokens)).token_ids
+            config = GenerationConfig(max_new_tokens=r.max_new_tokens)
+            memo[key] = decoder.generate(list(r.prompt_ids), config).token_ids
     return {r.request_id: memo[(r.prompt_ids, r.max_new_tokens)] for r in requests}
 
 
