@@ -1,0 +1,497 @@
+"""Serving a stream of requests with one model: sequential, static, dynamic and continuous batching.
+
+`run(scheduler, model, requests, max_batch, timeout_ms)` replays a workload (`llmopt.workload`) against the real
+wall clock: a request becomes visible to the scheduler once `arrival_s` seconds have passed since the run
+started, and the scheduler loop polls its queue between model calls (it sleeps only when it has nothing to run).
+All four schedulers decode greedily with a KV cache and stop each request at EOS or its `max_new_tokens`:
+
+- `sequential`: one request at a time through the plain `Decoder` (the design document's current behavior).
+- `static` (the document's option 1, `wait_for_batch(max_size, timeout)`): when the engine is free and a request
+  is queued, a collection window of `timeout_ms` opens; the batch leaves when it holds `max_batch` requests or the
+  window closes. Prompts are left-padded to the longest, pads are masked out of attention (bool mask, True =
+  attend), every row has its own positions, and the batch runs until its longest request is done: rows that
+  finished early keep computing (padding) and their requests are answered when the batch ends.
+- `dynamic` (the document's option 2): the same padded batch, but it leaves as soon as the queue holds
+  `max_batch` requests or the *oldest* queued request has waited `timeout_ms` (a backlog leaves at once instead of
+  waiting for a new window).
+- `continuous` (iteration-level scheduling, Orca, OSDI'22; vLLM): a `SlotCache` holds `max_batch` sequences,
+  each in its own slot with its own length. Before every decode step, queued requests take free slots; each
+  joining prompt is prefilled alone (batch 1, no padding) straight into its slot, as vLLM's original scheduler
+  runs prefills before decodes; chunked prefill (Sarathi-Serve, vLLM V1) would bound the stall a long prompt
+  causes the others, but prompts here are short and a batch-1 prefill computes exactly what the sequential
+  decoder computes. Every decode step then runs all active sequences, one token each, each at its own position
+  with a mask built from its own length; a finished sequence leaves the batch at once (the last slot is moved
+  into its hole so the active slots stay contiguous and the cache views need no copy).
+
+What is measured, per request: arrival, start (dispatch), first token, last token and finish (answer
+available) times and the tokens; per run: generated tokens/s, latency and time-to-first-token percentiles, the
+busy fraction (wall time inside the model's forward / run wall time: the CPU analogue of "GPU utilization"),
+and token slots computed vs useful (padding waste). Forward time is taken by hooks on the model, so the
+sequential scheduler runs the unmodified `Decoder`.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .attention import causal_mask
+from .errors import ContextLengthError, InvalidParameterError
+from .generate import Decoder, GenerationConfig
+from .harness import synchronize
+from .kv_cache import StaticCache
+from .workload import Request
+
+SCHEDULERS = ("sequential", "static", "dynamic", "continuous")
+
+
+@dataclass
+class RequestRecord:
+    """One request's life in a run (seconds since the run started)."""
+    request_id: int
+    prompt_tokens: int
+    max_new_tokens: int
+    arrival_s: float
+    start_s: float = math.nan  # dispatched: its prefill begins
+    first_token_s: float = math.nan
+    last_token_s: float = math.nan  # its last token was computed
+    finish_s: float = math.nan  # its answer is available (static/dynamic: when the whole batch ends)
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str = ""  # eos | length
+    completions: int = 0  # times the scheduler answered it (must end at exactly 1)
+
+    @property
+    def latency_s(self) -> float:
+        return self.finish_s - self.arrival_s
+
+    @property
+    def time_to_first_token_s(self) -> float:
+        return self.first_token_s - self.arrival_s
+
+    @property
+    def queue_s(self) -> float:
+        return self.start_s - self.arrival_s
+
+
+@dataclass
+class RunResult:
+    scheduler: str
+    max_batch: int
+    timeout_ms: float
+    records: list[RequestRecord]
+    wall_s: float
+    forward_s: float
+    forward_cpu_s: float
+    forward_calls: int
+    computed_tokens: int  # token positions fed through the model, padding included
+    useful_tokens: int  # real prompt tokens + the decode inputs of unfinished sequences
+    decode_steps: int = 0
+    decode_rows: int = 0  # sum over decode steps of the rows computed (padding rows included)
+    prefill_s: float = math.nan  # the part of forward_s spent in prefill calls
+
+    @property
+    def tokens(self) -> dict[int, list[int]]:
+        return {r.request_id: r.token_ids for r in self.records}
+
+    def frame(self) -> pd.DataFrame:
+        """One row per request with its timings."""
+        return pd.DataFrame([{
+            "scheduler": self.scheduler, "max_batch": self.max_batch, "request_id": r.request_id,
+            "prompt_tokens": r.prompt_tokens, "max_new_tokens": r.max_new_tokens, "new_tokens": len(r.token_ids),
+            "finish_reason": r.finish_reason, "completions": r.completions, "arrival_s": r.arrival_s,
+            "start_s": r.start_s,
+            "first_token_s": r.first_token_s, "last_token_s": r.last_token_s, "finish_s": r.finish_s,
+            "latency_s": r.latency_s, "time_to_first_token_s": r.time_to_first_token_s, "queue_s": r.queue_s,
+        } for r in self.records])
+
+    def stats(self) -> dict:
+        """The run's summary: throughput, latency percentiles, busy fraction, padding."""
+        latency = np.array([r.latency_s for r in self.records])
+        ttft = np.array([r.time_to_first_token_s for r in self.records])
+        generated = sum(len(r.token_ids) for r in self.records)
+        padded = self.computed_tokens - self.useful_tokens
+        threads = torch.get_num_threads()
+        cpu_ratio = self.forward_cpu_s / self.forward_s if self.forward_s else math.nan
+        return {
+            "scheduler": self.scheduler, "max_batch": self.max_batch, "timeout_ms": self.timeout_ms,
+            "requests": len(self.records), "generated_tokens": generated, "wall_s": self.wall_s,
+            "tokens_per_s": generated / self.wall_s, "requests_per_s": len(self.records) / self.wall_s,
+            "latency_mean_s": float(latency.mean()), "latency_p50_s": float(np.percentile(latency, 50)),
+            "latency_p95_s": float(np.percentile(latency, 95)), "latency_p99_s": float(np.percentile(latency, 99)),
+            "ttft_p50_s": float(np.percentile(ttft, 50)), "ttft_p95_s": float(np.percentile(ttft, 95)),
+            "ttft_p99_s": float(np.percentile(ttft, 99)),
+            "queue_mean_s": float(np.mean([r.queue_s for r in self.records])),
+            "forward_s": self.forward_s, "prefill_s": self.prefill_s, "busy_fraction": self.forward_s / self.wall_s,
+            # tokens from decode steps per second of decode forward time (prefill excluded)
+            "decode_tokens_per_s": (generated - len(self.records)) / (self.forward_s - self.prefill_s)
+            if self.forward_s > self.prefill_s else math.nan,
+            "forward_calls": self.forward_calls, "computed_tokens": self.computed_tokens,
+            "useful_tokens": self.useful_tokens, "padded_tokens": padded,
+            "padding_waste": padded / self.computed_tokens if self.computed_tokens else math.nan,
+            "mean_decode_rows": self.decode_rows / self.decode_steps if self.decode_steps else math.nan,
+            # decode inputs that belong to unfinished requests (each request's first token comes from prefill)
+            "useful_rows_per_decode_step": ((generated - len(self.records)) / self.decode_steps
+                                            if self.decode_steps else math.nan),
+            "forward_cpu_wall_ratio": cpu_ratio,
+            "contended": threads > 1 and cpu_ratio < 0.5 * threads,
+        }
+
+
+class ForwardMeter:
+    """Hooks on the model that add up wall and CPU time spent inside `forward` and the token positions fed.
+
+    A call with more than one position per row counts as prefill, one position as a decode step."""
+
+    def __init__(self, model, device):
+        self.model, self.device = model, device
+        self.seconds = self.cpu_seconds = self.prefill_seconds = 0.0
+        self.calls = self.tokens = 0
+        self._handles = []
+
+    def _before(self, module, args):
+        synchronize(self.device)
+        self._t0, self._c0 = time.perf_counter(), time.process_time()
+        self._prefill = args[0].shape[1] > 1
+        self.tokens += args[0].numel()
+
+    def _after(self, module, args, output):
+        synchronize(self.device)
+        seconds = time.perf_counter() - self._t0
+        self.seconds += seconds
+        self.prefill_seconds += seconds if self._prefill else 0.0
+        self.cpu_seconds += time.process_time() - self._c0
+        self.calls += 1
+
+    def __enter__(self):
+        self._handles = [self.model.register_forward_pre_hook(self._before),
+                         self.model.register_forward_hook(self._after)]
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self._handles:
+            handle.remove()
+
+
+class SlotCache:
+    """A batched KV cache for continuous batching: per layer [max_batch, Hkv, max_length, D], one slot per sequence.
+
+    Slots 0 .. rows-1 are the active sequences, kept contiguous (`move` fills a hole), so a decode step reads a
+    view `[:rows, :, :longest]` and each row writes its new key at its own length. Prefill writes one slot
+    through `prefill_view(slot)`, a batch-1 cache for the model's forward."""
+
+    def __init__(self, cfg, max_batch: int, max_length: int, dtype=torch.float32, device="cpu"):
+        shape = (max_batch, cfg.num_kv_heads, max_length, cfg.head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+        self.max_batch, self.max_length, self.device = max_batch, max_length, device
+        self.lengths = [0] * max_batch  # tokens held per slot
+        self._rows = 0
+        self._row_index = torch.arange(max_batch, device=device)
+        self._key_index = torch.arange(max_length, device=device)
+
+    def prefill_view(self, slot: int) -> "_SlotPrefill":
+        self.lengths[slot] = 0
+        return _SlotPrefill(self, slot)
+
+    def begin_decode(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions [rows, 1] and mask [rows, 1, 1, S] for one decode step over slots 0 .. rows-1."""
+        lengths = self.lengths[:rows]
+        if max(lengths) + 1 > self.max_length:
+            raise ContextLengthError(f"slot cache full: {max(lengths) + 1} > {self.max_length} positions")
+        self._rows, self._key_length = rows, max(lengths) + 1
+        self._write_at = torch.tensor(lengths, device=self.device)
+        mask = self._key_index[None, :self._key_length] <= self._write_at[:, None]
+        return self._write_at[:, None], mask[:, None, None, :]
+
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor):
+        rows, at = self._row_index[:self._rows], self._write_at
+        self.keys[layer_idx][rows, :, at] = k[:, :, 0]
+        self.values[layer_idx][rows, :, at] = v[:, :, 0]
+        return (self.keys[layer_idx][:self._rows, :, :self._key_length],
+                self.values[layer_idx][:self._rows, :, :self._key_length])
+
+    def end_decode(self) -> None:
+        for i in range(self._rows):
+            self.lengths[i] += 1
+
+    def move(self, source: int, target: int) -> None:
+        """Copy slot `source` (keys, values, length) into slot `target`."""
+        n = self.lengths[source]
+        for keys, values in zip(self.keys, self.values):
+            keys[target, :, :n] = keys[source, :, :n]
+            values[target, :, :n] = values[source, :, :n]
+        self.lengths[target] = n
+
+
+class _SlotPrefill:
+    """A batch-1 cache view of one slot, for that sequence's prefill."""
+
+    def __init__(self, slots: SlotCache, slot: int):
+        self.slots, self.slot = slots, slot
+
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor):
+        n, s = k.shape[2], self.slot
+        if n > self.slots.max_length:
+            raise ContextLengthError(f"prompt of {n} tokens does not fit a slot of {self.slots.max_length}")
+        self.slots.keys[layer_idx][s:s + 1, :, :n] = k
+        self.slots.values[layer_idx][s:s + 1, :, :n] = v
+        if layer_idx == len(self.slots.keys) - 1:
+            self.slots.lengths[s] = n
+        return self.slots.keys[layer_idx][s:s + 1, :, :n], self.slots.values[layer_idx][s:s + 1, :, :n]
+
+
+class _Run:
+    """The shared state of one run: the clock, the arrival queue, the records and the token counters."""
+
+    def __init__(self, model, requests: Sequence[Request], eos: frozenset[int], max_batch: int, timeout_s: float):
+        self.model, self.eos, self.max_batch, self.timeout_s = model, eos, max_batch, timeout_s
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.pending = deque(sorted(requests, key=lambda r: (r.arrival_s, r.request_id)))
+        self.waiting: deque[Request] = deque()
+        self.records = {r.request_id: RequestRecord(r.request_id, len(r.prompt_ids), r.max_new_tokens, r.arrival_s)
+                        for r in requests}
+        self.useful_tokens = self.decode_steps = self.decode_rows = 0
+        self.t0 = time.perf_counter()
+
+    def now(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def admit(self) -> None:
+        """Move every request whose arrival time has passed into the waiting queue."""
+        now = self.now()
+        while self.pending and self.pending[0].arrival_s <= now:
+            self.waiting.append(self.pending.popleft())
+
+    @property
+    def next_arrival_s(self) -> float:
+        return self.pending[0].arrival_s if self.pending else math.inf
+
+    def sleep_until(self, t: float) -> None:
+        delay = t - self.now()
+        if math.isfinite(delay) and delay > 0:
+            time.sleep(delay)
+        self.admit()
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.pending or self.waiting)
+
+    def take(self, n: int) -> list[Request]:
+        return [self.waiting.popleft() for _ in range(min(n, len(self.waiting)))]
+
+    def emit(self, record: RequestRecord, token_id: int, t: float) -> bool:
+        """Append a generated token; True when the request is done (EOS or its token budget)."""
+        if not record.token_ids:
+            record.first_token_s = t
+        record.token_ids.append(token_id)
+        if token_id in self.eos or len(record.token_ids) >= record.max_new_tokens:
+            record.finish_reason = "eos" if token_id in self.eos else "length"
+            record.last_token_s = t
+            return True
+        return False
+
+
+def _sequential(run: _Run) -> None:
+    decoder = Decoder(run.model, None, cache="static", eos_token_ids=run.eos)
+    while run.busy:
+        run.admit()
+        if not run.waiting:
+            run.sleep_until(run.next_arrival_s)
+            continue
+        request = run.waiting.popleft()
+        record = run.records[request.request_id]
+        record.start_s = run.now()
+        generation = decoder.generate(list(request.prompt_ids), GenerationConfig(max_new_tokens=request.max_new_tokens))
+        record.finish_s = run.now()
+        record.completions += 1
+        record.token_ids = generation.token_ids
+        record.finish_reason = generation.finish_reason
+        record.first_token_s = record.start_s + generation.token_times_s[0]
+        record.last_token_s = record.start_s + generation.token_times_s[-1]
+        run.useful_tokens += len(request.prompt_ids) + len(generation.token_ids) - 1
+        run.decode_steps += len(generation.token_ids) - 1
+        run.decode_rows += len(generation.token_ids) - 1
+
+
+def padded_batch_inputs(prompts: Sequence[Sequence[int]], pad_token_id: int = 0, device="cpu"):
+    """Left-padded tokens [B, P], per-row positions [B, P], prefill mask [B, 1, P, P] and pad counts [B].
+
+    A real query sees the real keys up to itself; a pad query sees only itself (so its row of the softmax is
+    never empty and no NaN appears; its output is never used)."""
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    longest = int(lengths.max())
+    pads = longest - lengths
+    tokens = torch.full((len(prompts), longest), pad_token_id, dtype=torch.long, device=device)
+    for i, prompt in enumerate(prompts):
+        tokens[i, longest - len(prompt):] = torch.tensor(list(prompt), device=device)
+    columns = torch.arange(longest, device=device)
+    positions = (columns[None] - pads[:, None]).clamp(min=0)
+    real_key = columns[None] >= pads[:, None]  # [B, P]
+    mask = causal_mask(longest, longest, device)[None] & real_key[:, None, :]
+    mask = mask | torch.eye(longest, dtype=torch.bool, device=device)[None]
+    return tokens, positions, mask[:, None], pads
+
+
+def _run_padded_batch(run: _Run, batch: list[Request], pad_token_id: int) -> None:
+    """Prefill a left-padded batch, then decode every row until the longest request is done."""
+    model, device = run.model, run.device
+    records = [run.records[r.request_id] for r in batch]
+    start = run.now()
+    for record in records:
+        record.start_s = start
+    tokens, positions, mask, pads = padded_batch_inputs([r.prompt_ids for r in batch], pad_token_id, device)
+    rows, longest = tokens.shape
+    lengths = torch.tensor([len(r.prompt_ids) for r in batch], device=device)
+    steps = max(r.max_new_tokens for r in batch)
+    cache = StaticCache(model.config, longest + steps, rows, run.dtype, device)
+    real_key = torch.arange(longest + steps, device=device)[None] >= pads[:, None]  # [B, S]
+    run.useful_tokens += int(lengths.sum())
+    done = [False] * rows
+    with torch.inference_mode():
+        logits = model(tokens, positions, cache, mask, last_only=True)
+        for step in range(steps):
+            next_tokens = logits[:, -1].argmax(dim=-1)
+            t = run.now()
+            for i, token_id in enumerate(next_tokens.tolist()):
+                if not done[i]:
+                    done[i] = run.emit(records[i], token_id, t)
+            if all(done):
+                break
+            run.useful_tokens += done.count(False)
+            run.decode_steps += 1
+            run.decode_rows += rows
+            keys = longest + step + 1
+            logits = model(next_tokens[:, None], (lengths + step)[:, None], cache,
+                           real_key[:, None, None, :keys], last_only=True)
+    end = run.now()
+    for record in records:
+        record.finish_s = end
+        record.completions += 1
+
+
+def _static(run: _Run, pad_token_id: int) -> None:
+    free_s = 0.0
+    while run.busy:
+        run.admit()
+        if not run.waiting:
+            run.sleep_until(run.next_arrival_s)
+            continue
+        window_end = max(free_s, run.waiting[0].arrival_s) + run.timeout_s
+        while len(run.waiting) < run.max_batch and run.now() < window_end:
+            run.sleep_until(min(window_end, run.next_arrival_s))
+        _run_padded_batch(run, run.take(run.max_batch), pad_token_id)
+        free_s = run.now()
+
+
+def _dynamic(run: _Run, pad_token_id: int) -> None:
+    while run.busy:
+        run.admit()
+        if not run.waiting:
+            run.sleep_until(run.next_arrival_s)
+            continue
+        deadline = run.waiting[0].arrival_s + run.timeout_s
+        if len(run.waiting) >= run.max_batch or run.now() >= deadline:
+            _run_padded_batch(run, run.take(run.max_batch), pad_token_id)
+        else:
+            run.sleep_until(min(deadline, run.next_arrival_s))
+
+
+def _continuous(run: _Run, max_length: int) -> None:
+    model, device = run.model, run.device
+    slots = SlotCache(model.config, run.max_batch, max_length, run.dtype, device)
+    positions = torch.arange(max_length, device=device)
+    active: list[RequestRecord] = []  # active[i] lives in slot i
+    last_tokens: list[int] = []
+    with torch.inference_mode():
+        while run.busy or active:
+            run.admit()
+            while run.waiting and len(active) < run.max_batch:  # joiners: batch-1 prefill into a free slot
+                request = run.waiting.popleft()
+                record = run.records[request.request_id]
+                record.start_s = run.now()
+                prompt = torch.tensor([request.prompt_ids], device=device)
+                logits = model(prompt, positions[:prompt.shape[1]], slots.prefill_view(len(active)), last_only=True)
+                token_id = int(logits[0, -1].argmax())
+                run.useful_tokens += prompt.shape[1]
+                if run.emit(record, token_id, run.now()):
+                    record.finish_s = record.last_token_s
+                    record.completions += 1
+                else:
+                    active.append(record)
+                    last_tokens.append(token_id)
+                run.admit()
+            if not active:
+                run.sleep_until(run.next_arrival_s)
+                continue
+            rows = len(active)
+            step_positions, mask = slots.begin_decode(rows)
+            logits = model(torch.tensor(last_tokens, device=device)[:, None], step_positions, slots, mask,
+                           last_only=True)
+            slots.end_decode()
+            run.useful_tokens += rows
+            run.decode_steps += 1
+            run.decode_rows += rows
+            next_tokens = logits[:, -1].argmax(dim=-1).tolist()
+            t = run.now()
+            finished = []
+            for i, token_id in enumerate(next_tokens):
+                last_tokens[i] = token_id
+                if run.emit(active[i], token_id, t):
+                    active[i].finish_s = t
+                    active[i].completions += 1
+                    finished.append(i)
+            for i in reversed(finished):  # leave at once: the last active slot fills the hole
+                last = len(active) - 1
+                if i != last:
+                    slots.move(last, i)
+                    active[i], last_tokens[i] = active[last], last_tokens[last]
+                active.pop()
+                last_tokens.pop()
+
+
+def run(scheduler: str, model, requests: Sequence[Request], max_batch: int = 8, timeout_ms: float = 50.0,
+        eos_token_ids: Sequence[int] | None = None, tokenizer=None, pad_token_id: int = 0) -> RunResult:
+    """Serve `requests` (arriving at their `arrival_s`) with `scheduler`, greedy, and measure the run.
+
+    eos_token_ids: as `Decoder` (None: the model's and the tokenizer's EOS). The static/dynamic batch size and
+    the continuous slot count are `max_batch`; `timeout_ms` is the static window / dynamic oldest-wait limit."""
+    if scheduler not in SCHEDULERS:
+        raise InvalidParameterError(f"unknown scheduler {scheduler!r}; use one of {', '.join(SCHEDULERS)}")
+    if max_batch < 1 or timeout_ms < 0:
+        raise InvalidParameterError("need max_batch >= 1 and timeout_ms >= 0")
+    if not requests:
+        raise InvalidParameterError("no requests to serve")
+    if len({r.request_id for r in requests}) != len(requests):
+        raise InvalidParameterError("request ids must be unique")
+    context = model.config.max_position_embeddings
+    for r in requests:
+        if not r.prompt_ids or r.max_new_tokens < 1:
+            raise InvalidParameterError(f"request {r.request_id}: empty prompt or max_new_tokens < 1")
+        if len(r.prompt_ids) + r.max_new_tokens > context:
+            raise ContextLengthError(f"request {r.request_id}: {len(r.prompt_ids)} prompt tokens + "
+                                     f"{r.max_new_tokens} new tokens exceed the context of {context}")
+    eos = Decoder(model, tokenizer, cache="static", eos_token_ids=eos_token_ids).eos_token_ids
+    state = _Run(model, requests, eos, max_batch if scheduler != "sequential" else 1, timeout_ms / 1000)
+    with ForwardMeter(model, state.device) as meter:
+        state.t0 = time.perf_counter()
+        if scheduler == "sequential":
+            _sequential(state)
+        elif scheduler == "static":
+            _static(state, pad_token_id)
+        elif scheduler == "dynamic":
+            _dynamic(state, pad_token_id)
+        else:
+            _continuous(state, max(len(r.prompt_ids) + r.max_new_tokens for r in requests))
+        synchronize(state.device)
+        wall_s = state.now()
+    records = sorted(state.records.values(), key=lambda r: r.request_id)
+    return RunResult(scheduler, state.max_batch, timeout_ms, records, wall_s, meter.seconds, meter.cpu_seconds,
+                     meter.calls, meter.tokens, state.useful_tokens, state.decode_steps, state.decode_rows,
+                     meter.prefill_seconds)

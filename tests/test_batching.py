@@ -1,0 +1,218 @@
+"""Batching schedulers: every request gets the plain decoder's greedy tokens, whatever the scheduler and load."""
+from collections import Counter
+
+import pytest
+import torch
+
+from llmopt import batching, workload
+from llmopt.errors import InvalidParameterError
+from llmopt.generate import Decoder, GenerationConfig
+from llmopt.testing import tiny_model
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A tiny random model, run on one thread: its ops are too small to gain from more, and on a shared
+    machine extra threads only wait for each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield tiny_model("llama", seed=3)
+    torch.set_num_threads(threads)
+
+
+def reference_tokens(model, requests, eos):
+    """Each request alone through the plain decoder (batch 1, static cache), memoized on (prompt, cap)."""
+    decoder = Decoder(model, None, cache="static", eos_token_ids=eos)
+    memo = {}
+    for r in requests:
+        key = (r.prompt_ids, r.max_new_tokens)
+        if key not in memo:
+            config = GenerationConfig(max_new_tokens=r.max_new_tokens)
+            memo[key] = decoder.generate(list(r.prompt_ids), config).token_ids
+    return {r.request_id: memo[(r.prompt_ids, r.max_new_tokens)] for r in requests}
+
+
+def frequent_token(model, requests):
+    """A token greedy decoding often produces mid-answer: used as EOS so some requests stop early."""
+    tokens = reference_tokens(model, requests, eos=[])
+    counts = Counter(t for ids in tokens.values() for t in ids[1:-1])
+    return counts.most_common(1)[0][0]
+
+
+@pytest.fixture(scope="module")
+def mixed(tiny):
+    pool = workload.random_pool(tiny.config.vocab_size, n_prompts=24, min_tokens=1, max_tokens=40, seed=5)
+    wl = workload.make_workload(pool, 14, seed=2, min_new_tokens=1, max_new_tokens=16)
+    eos = [frequent_token(tiny, wl.requests)]
+    return wl, eos, reference_tokens(tiny, wl.requests, eos)
+
+
+@pytest.mark.parametrize("scheduler", batching.SCHEDULERS)
+def test_every_scheduler_gives_the_plain_decoders_tokens(tiny, mixed, scheduler):
+    wl, eos, expected = mixed
+    result = batching.run(scheduler, tiny, wl.requests, max_batch=4, timeout_ms=5, eos_token_ids=eos)
+    assert result.tokens == expected
+    reasons = Counter(r.finish_reason for r in result.records)
+    assert reasons["eos"] > 0 and reasons["length"] > 0, "the workload must mix early EOS and full-length answers"
+    assert all(r.completions == 1 for r in result.records)
+
+
+def test_records_and_token_accounting(tiny, mixed):
+    wl, eos, expected = mixed
+    prompt_tokens = sum(len(r.prompt_ids) for r in wl.requests)
+    useful = prompt_tokens + sum(len(t) - 1 for t in expected.values())
+    for scheduler in batching.SCHEDULERS:
+        result = batching.run(scheduler, tiny, wl.requests, max_batch=4, timeout_ms=5, eos_token_ids=eos)
+        stats = result.stats()
+        assert stats["useful_tokens"] == useful, scheduler
+        assert stats["generated_tokens"] == sum(len(t) for t in expected.values())
+        assert 0 < stats["busy_fraction"] <= 1
+        for r in result.records:
+            assert r.arrival_s <= r.start_s <= r.first_token_s <= r.last_token_s <= r.finish_s, (scheduler, r)
+        if scheduler in ("sequential", "continuous"):
+            assert stats["padded_tokens"] == 0 and stats["computed_tokens"] == useful
+        else:  # mixed prompt lengths and answer lengths: padded rows are computed and counted
+            assert stats["padded_tokens"] > 0 and stats["computed_tokens"] == useful + stats["padded_tokens"]
+        if scheduler == "continuous":
+            assert 1 < stats["mean_decode_rows"] <= 4
+
+
+def test_requests_are_not_served_before_they_arrive(tiny):
+    pool = workload.random_pool(tiny.config.vocab_size, 8, 2, 10, seed=1)
+    wl = workload.make_workload(pool, 12, seed=4, arrival="poisson", rate_per_s=100, min_new_tokens=2,
+                                max_new_tokens=6)
+    expected = reference_tokens(tiny, wl.requests, eos=[])
+    for scheduler in batching.SCHEDULERS:
+        result = batching.run(scheduler, tiny, wl.requests, max_batch=3, timeout_ms=10, eos_token_ids=[])
+        assert result.tokens == expected
+        assert all(r.start_s >= r.arrival_s for r in result.records)
+        assert result.wall_s >= max(r.arrival_s for r in wl.requests)
+
+
+@pytest.mark.parametrize("scheduler", ["static", "dynamic"])
+def test_batch_timeout_and_full_batch(tiny, scheduler):
+    pool = workload.random_pool(tiny.config.vocab_size, 4, 3, 6, seed=0)
+    wl = workload.make_workload(pool, 2, seed=0, min_new_tokens=2, max_new_tokens=2)
+    waited = batching.run(scheduler, tiny, wl.requests, max_batch=4, timeout_ms=150, eos_token_ids=[])
+    assert all(r.start_s >= 0.15 for r in waited.records), "a batch that is not full waits for the timeout"
+    full = batching.run(scheduler, tiny, wl.requests, max_batch=2, timeout_ms=150, eos_token_ids=[])
+    assert all(r.start_s < 0.15 for r in full.records), "a full batch leaves at once"
+
+
+def test_static_waits_a_new_window_for_a_backlog_but_dynamic_does_not(tiny):
+    pool = workload.random_pool(tiny.config.vocab_size, 4, 3, 6, seed=0)
+    wl = workload.make_workload(pool, 3, seed=0, min_new_tokens=2, max_new_tokens=2)
+    # batches of 2: the third request is queued from t=0, so it has waited longer than the timeout when the
+    # first batch ends; dynamic serves it at once, static opens a new window of timeout_ms first.
+    static = batching.run("static", tiny, wl.requests, max_batch=2, timeout_ms=200, eos_token_ids=[])
+    dynamic = batching.run("dynamic", tiny, wl.requests, max_batch=2, timeout_ms=200, eos_token_ids=[])
+    first_batch_end = max(r.finish_s for r in static.records if r.request_id < 2)
+    assert static.records[2].start_s >= first_batch_end + 0.2
+    assert dynamic.records[2].start_s >= 0.2 and dynamic.records[2].start_s < static.records[2].start_s
+
+
+@pytest.mark.timeout(120)  # a hang guard, not a speed test
+def test_continuous_load_of_1000_poisson_requests(tiny):
+    pool = workload.random_pool(tiny.config.vocab_size, n_prompts=40, min_tokens=1, max_tokens=12, seed=7)
+    wl = workload.make_workload(pool, 1000, seed=11, arrival="poisson", rate_per_s=4000, min_new_tokens=1,
+                                max_new_tokens=6)
+    eos = [frequent_token(tiny, wl.requests[:100])]
+    expected = reference_tokens(tiny, wl.requests, eos)
+    result = batching.run("continuous", tiny, wl.requests, max_batch=16, eos_token_ids=eos)
+    ids = [r.request_id for r in result.records]
+    assert sorted(ids) == list(range(1000)), "a request was lost or duplicated"
+    assert all(r.completions == 1 for r in result.records), "every request is answered exactly once"
+    assert result.tokens == expected
+    assert Counter(r.finish_reason for r in result.records)["eos"] > 0
+    assert result.stats()["mean_decode_rows"] > 2, "under this load sequences must share decode steps"
+
+
+def test_slot_cache_rows_write_at_their_own_lengths(tiny):
+    cfg = tiny.config
+    slots = batching.SlotCache(cfg, max_batch=3, max_length=8)
+    for slot, n in enumerate([2, 5, 3]):
+        view = slots.prefill_view(slot)
+        for layer in range(cfg.num_layers):
+            k = torch.full((1, cfg.num_kv_heads, n, cfg.head_dim), float(slot + 1))
+            view.update(layer, k, k)
+    positions, mask = slots.begin_decode(3)
+    assert positions[:, 0].tolist() == [2, 5, 3]
+    assert mask.shape == (3, 1, 1, 6) and mask[:, 0, 0].sum(-1).tolist() == [3, 6, 4]
+    new = torch.full((3, cfg.num_kv_heads, 1, cfg.head_dim), 9.0)
+    keys, _ = slots.update(0, new, new)
+    assert keys.shape[2] == 6 and keys[0, 0, 2, 0] == 9 and keys[1, 0, 5, 0] == 9 and keys[2, 0, 3, 0] == 9
+    assert keys[0, 0, 1, 0] == 1 and keys[2, 0, 2, 0] == 3
+    slots.move(2, 0)
+    assert slots.lengths[0] == 3 and slots.keys[0][0, 0, 2, 0] == 3
+
+
+def test_bad_input_raises_readable_errors(tiny):
+    pool = workload.random_pool(tiny.config.vocab_size, 2, 2, 3)
+    requests = workload.make_workload(pool, 2).requests
+    with pytest.raises(InvalidParameterError):
+        batching.run("fifo", tiny, requests)
+    with pytest.raises(InvalidParameterError):
+        batching.run("static", tiny, requests, max_batch=0)
+    with pytest.raises(InvalidParameterError):
+        batching.run("static", tiny, requests + requests[:1])
+    with pytest.raises(InvalidParameterError):
+        workload.make_workload(pool, 3, arrival="poisson")
+
+
+def test_workload_is_seeded_and_mixed():
+    pool = workload.random_pool(96, 10, 2, 30, seed=0)
+    a = workload.make_workload(pool, 50, seed=3, arrival="poisson", rate_per_s=10)
+    b = workload.make_workload(pool, 50, seed=3, arrival="poisson", rate_per_s=10)
+    assert a.frame().equals(b.frame())
+    frame = a.frame()
+    assert frame.arrival_s.is_monotonic_increasing and frame.arrival_s.iloc[0] > 0
+    assert frame.max_new_tokens.min() >= 4 and frame.max_new_tokens.max() <= 32
+    assert frame.max_new_tokens.nunique() > 5 and frame.prompt_tokens.nunique() > 3
+    assert 2 < 50 / frame.arrival_s.iloc[-1] < 50  # about 10 requests per second
+
+
+@pytest.mark.e2e
+def test_default_model_schedulers_match_the_plain_decoder(default_model):
+    lm = default_model
+    pool = workload.prompt_pool(lm.tokenizer)
+    wl = workload.make_workload(pool, 6, seed=1, min_new_tokens=2, max_new_tokens=8)
+    decoder = Decoder(lm.model, lm.tokenizer, cache="static")
+    expected = {r.request_id: decoder.generate(list(r.prompt_ids), GenerationConfig(r.max_new_tokens)).token_ids
+                for r in wl.requests}
+    assert len({len(r.prompt_ids) for r in wl.requests}) > 2
+    for scheduler in ("static", "dynamic", "continuous"):
+        result = batching.run(scheduler, lm.model, wl.requests, max_batch=4, timeout_ms=0, tokenizer=lm.tokenizer)
+        assert result.tokens == expected, scheduler
+
+
+def test_benchmark_helpers_on_a_small_grid(tiny):
+    from llmopt import batching_benchmark as bench
+
+    pool = workload.random_pool(tiny.config.vocab_size, 8, 2, 12, seed=2)
+    wl = workload.make_workload(pool, 6, seed=1, min_new_tokens=2, max_new_tokens=6)
+    frame, runs = bench.run_grid(tiny, {"burst": wl, "single": wl.head(2)}, bench.configurations([1, 2]),
+                                 repeats=1, timeout_ms=0, progress=False)
+    assert len(frame) == 2 * 7 and set(frame.scheduler) == set(batching.SCHEDULERS)
+    checks = bench.equivalence(runs)
+    assert (checks.identical == checks.requests).all()
+    summary = bench.summarize(frame)
+    sequential = summary[summary.scheduler == "sequential"]
+    assert (sequential.throughput_vs_sequential == 1).all()
+    table = bench.by_concurrency(summary[summary.workload == "burst"], [1, 2], summary[summary.workload == "single"])
+    assert len(table) == 8 and set(table[table.concurrency == 1].workload) == {"single"}
+    document = bench.document_table(summary, "burst", concurrency=2, single_workload="single")
+    assert {"static", "dynamic", "continuous", "sequential"} <= set(document.scheduler)
+    assert document.verdict.str.len().gt(0).sum() >= len(document) - 3  # decode-phase rows carry no estimate
+
+
+def test_transformers_continuous_batching_engine_maps_requests_back():
+    from llmopt import batching_benchmark as bench
+    from llmopt.testing import tiny_pair
+
+    hf_model, ours = tiny_pair("llama", seed=3)
+    pool = workload.random_pool(ours.config.vocab_size, 6, 2, 10, seed=4)
+    wl = workload.make_workload(pool, 5, seed=2, min_new_tokens=2, max_new_tokens=6)
+    expected = reference_tokens(ours, wl.requests, eos=[2])
+    result = bench.transformers_continuous(hf_model, wl.requests, max_batch=2, eos_token_ids=[2])
+    assert sorted(result.tokens) == [r.request_id for r in wl.requests]
+    assert result.tokens == expected
