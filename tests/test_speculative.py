@@ -217,3 +217,61 @@ def test_the_exact_distribution_is_not_degenerate(exact_distributions):
     q0 = torch.softmax(exact_distributions["q"][0], -1)
     assert p0.max() < 0.6 and (p0 - q0).abs().sum() > 0.3
 
+
+
+# --- the benchmark sweep and the document comparison the notebook uses ----------------------------------------
+
+def test_sweep_rows_compare_every_drafter_with_the_plain_decoder(target):
+    drafters = {"prompt_lookup": (PromptLookupDrafter(), [2]),
+                "itself": (make_drafter("draft_model", target, model=target), [3])}
+    rows = speculative.sweep(target, None, drafters, {"w": PROMPT}, new_tokens=12, repeats=1, warmup_tokens=2,
+                             progress=False)
+    assert list(rows.drafter) == [speculative.PLAIN, "prompt_lookup", "itself"] and list(rows.k) == [0, 2, 3]
+    assert rows.tokens_identical.all()
+    assert rows.speedup.iloc[0] == pytest.approx(1.0)
+    itself = rows.iloc[2]
+    assert itself.alpha == 1.0 and itself.tokens_per_pass == pytest.approx(11 / 3)  # 11 tokens after the first
+    assert itself.expected_speedup == pytest.approx(expected_speedup(1.0, 3, itself.draft_cost_ratio))
+
+
+def test_document_comparison_picks_the_nearest_measured_acceptance():
+    import pandas as pd
+
+    from llmopt import datasets
+
+    results = pd.DataFrame({"workload": ["a", "b", "c"], "drafter": ["x", "y", "z"], "k": [5, 5, 2],
+                            "alpha": [0.52, 0.93, 0.7], "speedup": [1.2, 3.5, 9.0]})
+    table = speculative.document_comparison(results, datasets.estimates("speculative_decoding"), k=5)
+    assert list(table.measured_speedup.fillna(-1)) == [1.2, -1, 3.5]  # k=2 row ignored, 70% unmeasured
+    assert table.verdict.iloc[2] == "confirmed" and table.verdict.iloc[1] == "not measured"
+    assert table.verdict.iloc[0].startswith("refuted")
+
+
+def test_self_quantizer_names_what_it_applies(target):
+    quantize, scheme = speculative.self_quantizer("int8")
+    drafted = make_drafter("self_quantized", target, quantize=quantize)
+    assert scheme.startswith(("int8", "bf16 (stand-in"))
+    assert next(target.parameters()).dtype == torch.float32  # the target itself is untouched
+    assert drafted.model is not target
+    with pytest.raises(InvalidParameterError):
+        speculative.self_quantizer("int3")
+
+
+# --- the real default model --------------------------------------------------------------------------------------
+
+@pytest.mark.e2e
+def test_default_model_greedy_speculation_is_exact(default_model):
+    model, tokenizer = default_model.model, default_model.tokenizer
+    prompts = speculative.workload_prompts(tokenizer, ["repeat"])
+    passage_start = " ".join(speculative.grounded_passage().split()[:5])
+    assert tokenizer.decode(prompts["repeat"]).endswith(passage_start)
+    config = GenerationConfig(max_new_tokens=20, ignore_eos=True)
+    reference = Decoder(model, tokenizer).generate(prompts["repeat"], config).token_ids
+    quantize, _ = speculative.self_quantizer("int8")
+    for kind, k, options in [("prompt_lookup", 4, {}), ("early_exit", 2, {"num_layers": 10}),
+                             ("self_quantized", 3, {"quantize": quantize})]:
+        drafter = make_drafter(kind, model, tokenizer, **options)
+        result = SpeculativeDecoder(model, tokenizer, drafter, k).generate(prompts["repeat"], config)
+        assert result.token_ids == reference, kind
+        if kind == "prompt_lookup":
+            assert result.stats.accepted > 0  # the passage is copied: multi-token acceptance is exercised
