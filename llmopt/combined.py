@@ -60,16 +60,18 @@ class Stack:
         return "baseline" if not on else " + ".join(on)
 
 
-def workload_prompts(tokenizer, requests: int = 3, passage_tokens: int = 96) -> list[list[int]]:
-    """`requests` prompts sharing the document scenario's 250-token prefix; each user part quotes a different
-    passage of the held-out text and asks for it to be repeated."""
+def workload_prompts(tokenizer, requests: int = 3, passage_tokens: int = 96, system_tokens: int = 50,
+                     demonstration_tokens: int = 200) -> list[list[int]]:
+    """`requests` prompts sharing the document scenario's prefix (50 + 200 tokens by default); each user part
+    quotes a different passage of the held-out text and asks for it to be repeated."""
     from .datasets import evaluation_text
     from .prefix_workload import scenario
 
     text_ids = tokenizer(evaluation_text("heldout")).input_ids
     prompts = []
     for i in range(requests):
-        shared = scenario(tokenizer, tenant=0, user=i)
+        shared = scenario(tokenizer, tenant=0, user=i, system_tokens=system_tokens,
+                          demonstration_tokens=demonstration_tokens)
         passage = text_ids[4000 + i * 997: 4000 + i * 997 + passage_tokens]
         ask = tokenizer(" Repeat this passage exactly:\n", add_special_tokens=False).input_ids
         prompts.append(shared.prefix_ids + shared.user_ids + ask + passage

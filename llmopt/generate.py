@@ -65,7 +65,8 @@ class Generation:
     def decode_tokens_per_s(self) -> float:
         """Tokens after the first per second of decoding (excludes prefill)."""
         n = len(self.token_times_s) - 1
-        return n / (self.total_s - self.time_to_first_token_s) if n > 0 else float("nan")
+        elapsed = self.total_s - self.time_to_first_token_s
+        return n / elapsed if n > 0 and elapsed > 0 else float("nan")  # 0 s: all came with the first pass
 
 
 @dataclass
@@ -153,6 +154,21 @@ class Decoder:
                 f"prompt of {prompt_length} tokens + max_new_tokens={config.max_new_tokens} exceeds the "
                 f"model's context of {limit} positions")
 
+    def _prefill(self, record: Generation, sequence: torch.Tensor, cache) -> torch.Tensor:
+        """Run the prompt into `cache` and return the last position's logits [1, 1, V]. With a prefix cache, the
+        longest cached prefix is loaded instead of computed (at least one token is always prefilled, for the
+        logits) and the prompt's KV is stored back for later requests."""
+        prompt_length = len(record.prompt_ids)
+        reused, fingerprint = 0, None
+        if self.prefix_cache is not None:
+            fingerprint = model_fingerprint(self.model)
+            reused = self.prefix_cache.load_into(cache, record.prompt_ids[:-1], fingerprint)
+        logits = self.model(sequence[:, reused:], self.positions[reused:prompt_length], cache, last_only=True)
+        if self.prefix_cache is not None:
+            self.prefix_cache.store_from(cache, record.prompt_ids, fingerprint)
+        record.prefix_cached_tokens = reused
+        return logits
+
     def _steps(self, record: Generation, config: GenerationConfig) -> Iterator[int]:
         """The loop itself: yields each new token id and fills `record` with ids and timestamps."""
         prompt_length = len(record.prompt_ids)
@@ -170,14 +186,7 @@ class Decoder:
         sequence = torch.tensor([record.prompt_ids], device=self.device)
         start = time.perf_counter()
         with torch.inference_mode():
-            reused, fingerprint = 0, None
-            if self.prefix_cache is not None:  # reuse the longest cached prefix, keeping >= 1 token to prefill
-                fingerprint = model_fingerprint(model)
-                reused = self.prefix_cache.load_into(cache, record.prompt_ids[:-1], fingerprint)
-            logits = model(sequence[:, reused:], positions[reused:prompt_length], cache, last_only=True)
-            if self.prefix_cache is not None:
-                self.prefix_cache.store_from(cache, record.prompt_ids, fingerprint)
-            record.prefix_cached_tokens = reused
+            logits = self._prefill(record, sequence, cache)
             for step in range(config.max_new_tokens):
                 next_token = sample(logits[:, -1], params, generator)
                 token_id = int(next_token)

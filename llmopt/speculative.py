@@ -340,7 +340,7 @@ class SpeculativeDecoder(Decoder):
     """Our `Decoder` with speculation: same prompts, configs, stop rules and `Generation` records."""
 
     def __init__(self, model, tokenizer=None, drafter: Drafter | None = None, k: int = 4, cache: str = "static",
-                 eos_token_ids: Sequence[int] | None = None):
+                 eos_token_ids: Sequence[int] | None = None, prefix_cache=None):
         if cache in (None, "none"):
             raise InvalidParameterError("speculative decoding verifies drafts through a KV cache: use "
                                         "cache='static' or 'dynamic'")
@@ -348,7 +348,7 @@ class SpeculativeDecoder(Decoder):
             raise InvalidParameterError(f"k (drafted tokens per pass) must be >= 1, got {k}")
         if drafter is None:
             raise InvalidParameterError("speculative decoding needs a drafter (see make_drafter)")
-        super().__init__(model, tokenizer, cache, eos_token_ids)
+        super().__init__(model, tokenizer, cache, eos_token_ids, prefix_cache=prefix_cache)
         self.drafter, self.k = drafter, k
 
     def generate(self, prompt, config: GenerationConfig = GenerationConfig(), chat: bool = False
@@ -377,8 +377,7 @@ class SpeculativeDecoder(Decoder):
         tokens = list(record.prompt_ids)
         start = time.perf_counter()
         with torch.inference_mode():
-            logits = model(torch.tensor([tokens], device=self.device), positions[:prompt_length], cache,
-                           last_only=True)[:, -1]
+            logits = self._prefill(record, torch.tensor([tokens], device=self.device), cache)[:, -1]
             self.drafter.begin(tokens, max_length)
             new = [int(logits.argmax(-1)) if params.greedy else
                    int(torch.multinomial(probabilities(logits, params), 1, generator=generator))]

@@ -1,0 +1,59 @@
+"""The stacked configurations of notebook 07: lossless stacks reproduce the baseline's tokens."""
+import pytest
+
+from llmopt import combined
+from llmopt.errors import InvalidParameterError
+from llmopt.prefix_cache import PrefixCache
+from llmopt.speculative import PromptLookupDrafter, SpeculativeDecoder
+from llmopt.generate import Decoder, GenerationConfig
+from llmopt.testing import tiny_pair
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_pair("llama", seed=5)[1]
+
+
+def test_speculative_decoding_with_a_prefix_cache_is_lossless(model):
+    prompts = [[3, 4, 5, 6, 7, 8, 3, 4, 5, 9], [3, 4, 5, 6, 7, 8, 3, 4, 5, 10, 11]]
+    config = GenerationConfig(max_new_tokens=12)
+    plain = [Decoder(model, cache="none", eos_token_ids=[]).generate(p, config).token_ids for p in prompts]
+    decoder = SpeculativeDecoder(model, drafter=PromptLookupDrafter(), k=4, eos_token_ids=[],
+                                 prefix_cache=PrefixCache(2**24))
+    results = [decoder.generate(p, config) for p in prompts]
+    assert [r.token_ids for r in results] == plain
+    assert results[1].prefix_cached_tokens > 0
+
+
+def test_every_lossless_stack_in_both_orders_equals_the_baseline(model):
+    runner = combined.StackRunner(model, None, quantize=None, k=4)
+    prompts = [[1, 2, 3, 4, 5, 1, 2, 3], [1, 2, 3, 4, 5, 6, 7]]
+    baseline = [g.token_ids for g in runner.run(combined.Stack(), prompts, 10)]
+    lossless = [n for n in combined.DOCUMENT_ORDER if n != "quantization"]
+    reordered = combined.best_order({"speculative_decoding": 3.0, "flash_attention": 2.0, "kv_cache": 1.5,
+                                     "prompt_caching": 1.2})
+    for stacks in (combined.stacks_in_order(lossless), combined.stacks_in_order(reordered)):
+        for name, stack in stacks.items():
+            assert [g.token_ids for g in runner.run(stack, prompts, 10)] == baseline, name
+
+
+def test_stack_rules_and_best_order():
+    with pytest.raises(InvalidParameterError, match="need the KV cache"):
+        combined.Stack(prompt_caching=True)
+    order = combined.best_order({"speculative_decoding": 3.0, "kv_cache": 2.0, "quantization": 1.5,
+                                 "flash_attention": 1.1, "prompt_caching": 1.2})
+    assert order.index("kv_cache") < order.index("speculative_decoding")
+    assert order.index("kv_cache") < order.index("prompt_caching")
+    assert order[0] == "kv_cache" and order[1] == "speculative_decoding"
+
+
+def test_cumulative_and_agreement():
+    import pandas as pd
+
+    frame = pd.DataFrame({"configuration": ["baseline", "a", "a + b"], "workload_s": [8.0, 4.0, 2.0],
+                          "decode_tokens_per_s": [1, 2, 4], "time_to_first_token_s": [1, 1, 1]})
+    steps = combined.cumulative(frame, ["a", "a + b"])
+    assert steps.cumulative_speedup.tolist() == [1.0, 2.0, 4.0]
+    assert steps.step_speedup.tolist() == [1.0, 2.0, 2.0]
+    assert combined.tokens_agree([[1, 2, 3]], [[1, 2, 4]]) == pytest.approx(2 / 3)
+    assert combined.module_lines("kv_cache") > 50
