@@ -10,9 +10,9 @@
   requests" of the design document) or a Poisson process (`arrival="poisson"`, exponential gaps at `rate_per_s`),
   the standard open-loop load model of serving benchmarks (vLLM's `benchmark_serving --request-rate`).
 
-Everything is drawn from one `numpy.random.Generator(seed)`, prompts and caps before arrivals, so one seed gives
-the same prompts and caps whatever the arrival process (a burst and a Poisson workload differ only in when
-requests arrive, and their greedy answers must be the same). `Workload.frame()` and `Workload.params` are what
+Prompts, caps and arrivals are drawn from three `numpy.random.Generator`s seeded from `seed`, so one seed gives
+the same prompts and caps whatever the arrival process and the number of requests (a Poisson workload of k
+requests asks what the first k requests of the burst workload ask, and their greedy answers must be the same). `Workload.frame()` and `Workload.params` are what
 the notebook saves beside its results so a run can be reproduced.
 """
 from __future__ import annotations
@@ -124,12 +124,13 @@ def make_workload(pool: list[tuple[str, list[int]]], n_requests: int, seed: int 
         raise InvalidParameterError("need 0 < min_new_tokens <= max_new_tokens")
     params = WorkloadParams(n_requests, seed, arrival, rate_per_s if arrival == "poisson" else None,
                             min_new_tokens, max_new_tokens)
-    rng = np.random.default_rng(seed)
-    picks = rng.integers(0, len(pool), size=n_requests)
-    caps = np.exp(rng.uniform(math.log(min_new_tokens), math.log(max_new_tokens + 1), size=n_requests))
+    # one stream per quantity: the first k requests of a larger workload are the workload of k requests
+    pick_rng, cap_rng, arrival_rng = (np.random.default_rng([seed, i]) for i in range(3))
+    picks = pick_rng.integers(0, len(pool), size=n_requests)
+    caps = np.exp(cap_rng.uniform(math.log(min_new_tokens), math.log(max_new_tokens + 1), size=n_requests))
     caps = np.clip(np.floor(caps).astype(int), min_new_tokens, max_new_tokens)
     if arrival == "poisson":
-        arrivals = np.cumsum(rng.exponential(1.0 / rate_per_s, size=n_requests))
+        arrivals = np.cumsum(arrival_rng.exponential(1.0 / rate_per_s, size=n_requests))
     else:
         arrivals = np.zeros(n_requests)
     requests = [Request(i, tuple(pool[p][1]), int(c), float(a), pool[p][0])

@@ -169,6 +169,9 @@ def test_workload_is_seeded_and_mixed():
     assert frame.max_new_tokens.min() >= 4 and frame.max_new_tokens.max() <= 32
     assert frame.max_new_tokens.nunique() > 5 and frame.prompt_tokens.nunique() > 3
     assert 2 < 50 / frame.arrival_s.iloc[-1] < 50  # about 10 requests per second
+    burst = workload.make_workload(pool, 80, seed=3)
+    assert [(r.prompt_ids, r.max_new_tokens) for r in a.requests] == \
+        [(r.prompt_ids, r.max_new_tokens) for r in burst.requests[:50]], "same seed: same prompts and caps"
 
 
 @pytest.mark.e2e
