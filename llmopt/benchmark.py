@@ -146,3 +146,18 @@ def equal_tokens(frame: pd.DataFrame) -> pd.DataFrame:
     table = frame.pivot(index="prompt_tokens", columns="engine", values="token_ids")
     same = table.apply(lambda row: all(ids == row.iloc[0] for ids in row), axis=1)
     return same.rename("tokens identical across engines").to_frame()
+
+
+def check_lossless(identical: bool, dtype, what: str) -> bool:
+    """The equivalence policy of every report: in fp32 a lossless optimization must give the plain decoder's
+    tokens exactly (an AssertionError stops the report otherwise). In bf16/fp16 the same math run as other
+    kernel shapes (a batch, a cached step, a fused kernel) rounds differently and may flip a near-tie, so there
+    the result is printed and returned, not asserted."""
+    from .loading import resolve_dtype
+
+    if identical:
+        return True
+    if resolve_dtype(dtype) == torch.float32:
+        raise AssertionError(what)
+    print(f"NOTE ({dtype}): {what}. Half precision rounds differently per kernel shape; fp32 is the exact check.")
+    return False

@@ -91,3 +91,13 @@ def test_bad_parameters_raise_clear_errors(pair):
         Decoder(pair[1], cache="paged")
     with pytest.raises(InvalidParameterError, match="empty"):
         decoder.generate([], GenerationConfig())
+
+
+def test_lossless_check_asserts_in_fp32_and_reports_in_half_precision(capsys):
+    from llmopt.benchmark import check_lossless
+
+    assert check_lossless(True, "fp32", "x") and check_lossless(True, "bf16", "x")
+    with pytest.raises(AssertionError, match="tokens changed"):
+        check_lossless(False, "fp32", "tokens changed")
+    assert check_lossless(False, "bf16", "tokens changed") is False
+    assert "tokens changed" in capsys.readouterr().out

@@ -1,4 +1,8 @@
-"""Every notebook runs through papermill with smoke parameters and produces its report."""
+"""Every notebook runs through papermill with smoke parameters and produces its report.
+
+LLMOPT_TEST_DEVICE=cuda (and LLMOPT_TEST_DTYPE, LLMOPT_TEST_MODEL) run the same smoke runs on a GPU."""
+import os
+
 import pytest
 
 from llmopt.reports import discover, run_suite
@@ -6,9 +10,15 @@ from llmopt.reports import discover, run_suite
 pytestmark = pytest.mark.notebook
 
 
+def environment_parameters() -> dict:
+    names = {"LLMOPT_TEST_DEVICE": "device", "LLMOPT_TEST_DTYPE": "dtype", "LLMOPT_TEST_MODEL": "model"}
+    return {parameter: os.environ[var] for var, parameter in names.items() if os.environ.get(var)}
+
+
 @pytest.mark.parametrize("notebook", [p.stem for p in discover()])
 def test_notebook_smoke_run(notebook, tmp_path):
-    runs = run_suite([notebook], smoke=True, reports_dir=tmp_path / "reports", results_dir=tmp_path / "results")
+    runs = run_suite([notebook], environment_parameters(), smoke=True, reports_dir=tmp_path / "reports",
+                     results_dir=tmp_path / "results")
     assert [r.ok for r in runs] == [True], runs[0].error
     html = (tmp_path / "reports" / f"{notebook}.html").read_text()
     assert "Traceback" not in html
