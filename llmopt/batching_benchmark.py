@@ -105,6 +105,27 @@ def first_divergence(a: list[int], b: list[int]) -> int | None:
     return None if len(a) == len(b) else min(len(a), len(b))
 
 
+COMPARED_CONFIG_FIELDS = ("max_requests_per_batch", "page_size", "num_blocks", "max_batch_tokens")
+
+
+def transformers_continuous_unsupported() -> str | None:
+    """Why transformers' continuous batching cannot be driven here, or None. Its API is young and changes between
+    releases (this comparison is written against transformers 5.24's `ContinuousBatchingConfig`)."""
+    import inspect
+
+    import transformers
+
+    config = getattr(transformers, "ContinuousBatchingConfig", None)
+    if config is None:
+        return f"transformers {transformers.__version__} has no ContinuousBatchingConfig"
+    fields = inspect.signature(config).parameters
+    missing = [name for name in COMPARED_CONFIG_FIELDS if name not in fields]
+    if missing:
+        return (f"transformers {transformers.__version__}'s ContinuousBatchingConfig has no {', '.join(missing)} "
+                "(the comparison is written against transformers 5.24)")
+    return None
+
+
 def transformers_continuous(hf_model, requests: Sequence[Request], max_batch: int, eos_token_ids: Sequence[int],
                             page_size: int = 64) -> RunResult:
     """transformers' continuous batching on the same requests (greedy), timed like ours.

@@ -25,6 +25,7 @@ from .errors import InvalidParameterError
 from .generate import Decoder, Generation, GenerationConfig
 from .harness import spread
 
+WARMUP_TOKENS = 4  # tokens per warm-up run of `measure`
 DOCUMENT_ORDER = ("kv_cache", "quantization", "prompt_caching", "flash_attention", "speculative_decoding")
 REQUIRES_KV_CACHE = ("prompt_caching", "speculative_decoding")
 LABELS = {"kv_cache": "+ KV cache", "quantization": "+ quantization", "prompt_caching": "+ prompt caching",
@@ -135,18 +136,20 @@ def measure(configurations: dict[str, object], prompts: list[list[int]], new_tok
             warmup: int = 1, progress: bool = True) -> pd.DataFrame:
     """Time each configuration's whole workload, round-robin inside each repeat (same-run comparisons).
 
-    A configuration is a function `(prompts, new_tokens) -> list[Generation]`."""
+    A configuration is a function `(prompts, new_tokens) -> list[Generation]`. Warm-up rounds run the first
+    prompt for a few tokens (every code path and buffer, without paying a whole slow baseline workload)."""
     from tqdm.auto import tqdm
 
     samples: dict[str, list] = {name: [] for name in configurations}
     bar = tqdm(total=(warmup + repeats) * len(configurations), desc="stacked configurations",
                disable=not progress, leave=False)
     for i in range(warmup + repeats):
+        warming = i < warmup
         for name, run in configurations.items():
             start = time.perf_counter()
-            generations = run(prompts, new_tokens)
+            generations = run(prompts[:1], min(new_tokens, WARMUP_TOKENS)) if warming else run(prompts, new_tokens)
             wall = time.perf_counter() - start
-            if i >= warmup:
+            if not warming:
                 samples[name].append((generations, wall))
             bar.update()
     bar.close()

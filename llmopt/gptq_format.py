@@ -40,7 +40,7 @@ def pack_int32(values: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     if v.shape[0] % per_word:
         raise InvalidParameterError(f"dimension of size {v.shape[0]} is not a multiple of {per_word}")
     v = v.reshape(v.shape[0] // per_word, per_word, *v.shape[1:])
-    shifts = (torch.arange(per_word) * bits).reshape(1, per_word, *([1] * (v.dim() - 2)))
+    shifts = (torch.arange(per_word, device=v.device) * bits).reshape(1, per_word, *([1] * (v.dim() - 2)))
     words = (v << shifts).sum(dim=1)  # disjoint bit fields: sum == bitwise or
     words = torch.where(words >= 2**31, words - 2**32, words)  # two's complement, as the int32 bit pattern
     return words.to(torch.int32).movedim(0, dim).contiguous()
@@ -50,7 +50,7 @@ def unpack_int32(words: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     """Inverse of `pack_int32`: int64 values in [0, 2**bits)."""
     per_word = 32 // bits
     w = words.to(torch.int64).movedim(dim, 0) & 0xFFFFFFFF
-    shifts = (torch.arange(per_word) * bits).reshape(1, per_word, *([1] * (w.dim() - 1)))
+    shifts = (torch.arange(per_word, device=w.device) * bits).reshape(1, per_word, *([1] * (w.dim() - 1)))
     v = (w.unsqueeze(1) >> shifts) & (2**bits - 1)
     return v.reshape(w.shape[0] * per_word, *w.shape[1:]).movedim(0, dim)
 
@@ -110,7 +110,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, weights: dict[str, Quant
     tensors = {}
     for name, q in weights.items():
         for part, tensor in to_tensors(q, checkpoint_format).items():
-            tensors[f"{checkpoint_key(name)}.{part}"] = tensor
+            tensors[f"{checkpoint_key(name)}.{part}"] = tensor.cpu()
     quantized = set(weights)
     tied = model.config.tie_word_embeddings and "lm_head" not in quantized
     for key, tensor in model.state_dict().items():
@@ -119,7 +119,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, weights: dict[str, Quant
             continue  # packed buffers, written above
         if tied and key == "lm_head.weight":
             continue
-        tensors[checkpoint_key(key)] = tensor.detach().contiguous()
+        tensors[checkpoint_key(key)] = tensor.detach().cpu().contiguous()
     save_file(tensors, str(path / WEIGHTS_FILE), metadata={"format": "pt"})
     quantization_config = {
         "quant_method": "gptq", "bits": bits, "group_size": group_size,

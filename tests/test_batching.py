@@ -219,3 +219,18 @@ def test_transformers_continuous_batching_engine_maps_requests_back():
     result = bench.transformers_continuous(hf_model, wl.requests, max_batch=2, eos_token_ids=[2])
     assert sorted(result.tokens) == [r.request_id for r in wl.requests]
     assert result.tokens == expected
+
+
+def test_transformers_continuous_batching_support_is_checked(monkeypatch):
+    import transformers
+
+    from llmopt import batching_benchmark
+
+    assert batching_benchmark.transformers_continuous_unsupported() is None  # the pinned range has it
+
+    class OlderConfig:  # an older release's signature: a field renamed
+        def __init__(self, max_requests_per_batch=1, block_size=32, num_blocks=1, max_batch_tokens=1):
+            pass
+
+    monkeypatch.setattr(transformers, "ContinuousBatchingConfig", OlderConfig)
+    assert "page_size" in batching_benchmark.transformers_continuous_unsupported()

@@ -57,3 +57,23 @@ def test_cumulative_and_agreement():
     assert steps.step_speedup.tolist() == [1.0, 2.0, 2.0]
     assert combined.tokens_agree([[1, 2, 3]], [[1, 2, 4]]) == pytest.approx(2 / 3)
     assert combined.module_lines("kv_cache") > 50
+
+
+def test_measure_warms_up_on_one_short_request_and_times_whole_workloads():
+    from llmopt import combined
+    from llmopt.generate import Generation
+
+    calls = []
+
+    def config(prompts, new_tokens):
+        calls.append((len(prompts), new_tokens))
+        gens = []
+        for p in prompts:
+            g = Generation(list(p))
+            g.token_ids, g.token_times_s = [1] * new_tokens, [0.01 * (i + 1) for i in range(new_tokens)]
+            gens.append(g)
+        return gens
+
+    frame = combined.measure({"a": config}, [[1, 2], [3, 4], [5, 6]], 12, repeats=2, warmup=1, progress=False)
+    assert calls == [(1, combined.WARMUP_TOKENS), (3, 12), (3, 12)]
+    assert frame.repeats.iloc[0] == 2 and frame.requests.iloc[0] == 3
