@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 TORCH ?= torch==2.13.0
 
-.PHONY: report test test-fast setup clean-reports
+.PHONY: report test test-fast setup peers clean-reports
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,14 @@ report: setup
 ## the test suite: unit tests, end-to-end tests on the default model, notebook smoke runs
 test: setup
 	$(PY) -m pytest
+
+## optional: llama.cpp (llama-cpp-python) as a peer in 07_combined; compiles llama.cpp for this CPU (~20 min on
+## 2 cores; pip caches the wheel, so a reinstall is quick). Without it 07 says llama.cpp was not measured.
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
+	-DLLAMA_BUILD_TOOLS=OFF -DLLAMA_CURL=OFF
+peers: setup
+	$(PIP) install cmake ninja
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) install llama-cpp-python==0.3.36
 
 ## unit tests only (seconds)
 test-fast: setup

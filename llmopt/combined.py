@@ -208,3 +208,63 @@ def tokens_agree(a: list[list[int]], b: list[list[int]]) -> float:
         total += max(len(x), len(y))
         same += sum(1 for i, j in zip(x, y) if i == j)
     return same / total if total else float("nan")
+
+
+FORMAT_PAIRS = (("bf16", "F16"), ("INT8", "Q8_0"), ("INT4 g64", "Q4_1"))  # (ours, llama.cpp's) of like bytes
+
+
+def our_format(model, kind: str):
+    """A copy of `model` in one of our formats of `FORMAT_PAIRS`, on the fused attention kernel. INT4 keeps the
+    (tied) lm_head at 8 bits, as llama.cpp's 4-bit files keep their output matrix above 4 bits."""
+    from .quantization import quantize_model
+
+    copied = copy.deepcopy(model)
+    if kind == "bf16":
+        copied.to(torch.bfloat16)
+    elif kind == "INT8":
+        quantize_model(copied, "rtn", bits=8, group_size=None)
+    elif kind == "INT4 g64":
+        quantize_model(copied, "rtn", bits=4, group_size=64, lm_head_bits=8)
+    else:
+        raise InvalidParameterError(f"unknown format {kind!r}; use one of {[ours for ours, _ in FORMAT_PAIRS]}")
+    return copied.set_attention("sdpa")
+
+
+def format_engines(model, tokenizer, gguf_path=None, threads: int = 2, directory=None) -> dict:
+    """Benchmark engines, format by format: ours (static cache, SDPA) and, when `gguf_path` is given, llama.cpp
+    on the same weights re-encoded by its own quantizer (the Q4_1 row is the shipped file itself), the re-encoded
+    files cached in `directory` (default: the model cache's gguf/)."""
+    from . import benchmark, peers
+    from .loading import cache_dir
+
+    directory = directory or cache_dir() / "gguf"
+    engines = {}
+    for ours, theirs in FORMAT_PAIRS:
+        engines[f"llmopt {ours}"] = benchmark.ours(Decoder(our_format(model, ours), tokenizer, cache="static"))
+        if gguf_path is not None:
+            source = Path(gguf_path)
+            path = source if source.stem.endswith(theirs) else peers.llama_cpp_format(source, theirs, directory)
+            engines[f"llama.cpp {theirs}"] = peers.llama_cpp_engine(path, threads)
+    return engines
+
+
+def format_table(rows: pd.DataFrame) -> pd.DataFrame:
+    """One row per format pair: decode and prefill tokens/s of each side and ours / llama.cpp."""
+    table = rows.set_index("engine")
+    out = []
+    for ours, theirs in FORMAT_PAIRS:
+        mine, other = f"llmopt {ours}", f"llama.cpp {theirs}"
+        if mine not in table.index:
+            continue
+        row = {"ours": ours, "llama.cpp": theirs,
+               "ours_decode_tokens_per_s": table.loc[mine, "decode_tokens_per_s"],
+               "ours_prefill_tokens_per_s": table.loc[mine, "prompt_tokens"] / table.loc[mine, "time_to_first_token_s"]}
+        if other in table.index:
+            row["llama_cpp_decode_tokens_per_s"] = table.loc[other, "decode_tokens_per_s"]
+            row["llama_cpp_prefill_tokens_per_s"] = (table.loc[other, "prompt_tokens"]
+                                                     / table.loc[other, "time_to_first_token_s"])
+            row["decode_ours_over_llama_cpp"] = row["ours_decode_tokens_per_s"] / row["llama_cpp_decode_tokens_per_s"]
+            row["prefill_ours_over_llama_cpp"] = (row["ours_prefill_tokens_per_s"]
+                                                  / row["llama_cpp_prefill_tokens_per_s"])
+        out.append(row)
+    return pd.DataFrame(out)

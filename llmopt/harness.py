@@ -111,7 +111,7 @@ def peak_memory_bytes(fn: Callable[[], Any], device="cpu") -> tuple[Any, int]:
         return result, torch.cuda.max_memory_allocated() - base
     from torch.profiler import ProfilerActivity, profile
 
-    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with quiet_output(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         result = fn()
     # Allocations and frees inside an op are its *self* memory; frees outside any op are "[memory]" events.
     changes = []
@@ -126,21 +126,28 @@ def peak_memory_bytes(fn: Callable[[], Any], device="cpu") -> tuple[Any, int]:
     return result, peak
 
 
-class _quiet_stderr:
-    """Silence the profiler's C++ start/stop lines (they go to fd 2, not to Python's sys.stderr)."""
+class quiet_output:
+    """Silence what C/C++ code writes to file descriptors (default: fd 2), which Python's sys.stderr does not see:
+    the profiler's start/stop lines, llama.cpp's loading and quantizing logs."""
+
+    def __init__(self, fds=(2,)):
+        self.fds = tuple(fds)
 
     def __enter__(self):
         import sys
 
+        sys.stdout.flush()
         sys.stderr.flush()
-        self.saved = os.dup(2)
+        self.saved = [os.dup(fd) for fd in self.fds]
         devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, 2)
+        for fd in self.fds:
+            os.dup2(devnull, fd)
         os.close(devnull)
 
     def __exit__(self, *exc):
-        os.dup2(self.saved, 2)
-        os.close(self.saved)
+        for fd, saved in zip(self.fds, self.saved):
+            os.dup2(saved, fd)
+            os.close(saved)
 
 
 def ratio(numerator: float, denominator: float) -> float:

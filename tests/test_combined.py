@@ -1,5 +1,6 @@
 """The stacked configurations of notebook 07: lossless stacks reproduce the baseline's tokens."""
 import pytest
+import torch
 
 from llmopt import combined
 from llmopt.errors import InvalidParameterError
@@ -77,3 +78,24 @@ def test_measure_warms_up_on_one_short_request_and_times_whole_workloads():
     frame = combined.measure({"a": config}, [[1, 2], [3, 4], [5, 6]], 12, repeats=2, warmup=1, progress=False)
     assert calls == [(1, combined.WARMUP_TOKENS), (3, 12), (3, 12)]
     assert frame.repeats.iloc[0] == 2 and frame.requests.iloc[0] == 3
+
+
+def test_format_engines_and_table_without_llama_cpp():
+    import pandas as pd
+
+    _, model = tiny_pair("llama", seed=2, hidden_size=128, intermediate_size=256)
+    before = {name: t.clone() for name, t in model.state_dict().items()}
+    engines = combined.format_engines(model, None)
+    assert list(engines) == [f"llmopt {ours}" for ours, _ in combined.FORMAT_PAIRS]
+    for name, engine in engines.items():
+        assert len(engine([5, 6, 7, 8], 4).token_ids) == 4, name
+    assert all(torch.equal(before[name], t) for name, t in model.state_dict().items())  # copies, base untouched
+    frame = combined.format_table(pd.DataFrame([
+        {"engine": "llmopt bf16", "decode_tokens_per_s": 20.0, "prompt_tokens": 100, "time_to_first_token_s": 0.5},
+        {"engine": "llama.cpp F16", "decode_tokens_per_s": 40.0, "prompt_tokens": 100, "time_to_first_token_s": 0.25},
+        {"engine": "llmopt INT8", "decode_tokens_per_s": 30.0, "prompt_tokens": 100, "time_to_first_token_s": 0.5}]))
+    assert frame.ours.tolist() == ["bf16", "INT8"]
+    assert frame.loc[0, "decode_ours_over_llama_cpp"] == 0.5 and frame.loc[0, "prefill_ours_over_llama_cpp"] == 0.5
+    assert pd.isna(frame.loc[1, "decode_ours_over_llama_cpp"])  # no llama.cpp row: no ratio
+    with pytest.raises(InvalidParameterError):
+        combined.our_format(model, "INT3")
