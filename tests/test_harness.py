@@ -83,3 +83,20 @@ def test_cpu_peak_memory_counts_nested_allocations_once():
     result, peak = harness.peak_memory_bytes(lambda: x.repeat_interleave(2, dim=0))
     assert result.shape == (2000, 1000)
     assert 8_000_000 <= peak < 9_000_000
+
+
+def test_readme_headline_block_is_generated_with_the_plot(tmp_path):
+    from llmopt import reports
+
+    results = tmp_path / "results"
+    harness.save_headline("00_baseline", "Baseline", "1.0 tok/s", "identical", None, directory=results)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"top\n{reports.HEADLINE_START}\nold\n{reports.HEADLINE_END}\nbottom\n")
+    reports.update_readme(results, readme)
+    text = readme.read_text()
+    assert "old" not in text and "| [Baseline](reports/00_baseline.html) | 1.0 tok/s | identical |" in text
+    assert "![" not in text  # no figure saved yet
+    (results / reports.README_PLOT).write_bytes(b"png")
+    reports.update_readme(results, readme)
+    text = readme.read_text()
+    assert f"{reports.README_PLOT})" in text and text.startswith("top\n") and text.endswith("bottom\n")
