@@ -15,11 +15,12 @@ All four schedulers decode greedily with a KV cache and stop each request at EOS
   `max_batch` requests or the *oldest* queued request has waited `timeout_ms` (a backlog leaves at once instead of
   waiting for a new window).
 - `continuous` (iteration-level scheduling, Orca, OSDI'22; vLLM): a `SlotCache` holds `max_batch` sequences,
-  each in its own slot with its own length. Before every decode step, queued requests take free slots; each
-  joining prompt is prefilled alone (batch 1, no padding) straight into its slot, as vLLM's original scheduler
-  runs prefills before decodes; chunked prefill (Sarathi-Serve, vLLM V1) would bound the stall a long prompt
-  causes the others, but prompts here are short and a batch-1 prefill computes exactly what the sequential
-  decoder computes. Every decode step then runs all active sequences, one token each, each at its own position
+  each in its own slot with its own length. Before every decode step, queued requests take free slots and their
+  prompts are prefilled straight into their slots, as vLLM's original scheduler runs prefills before decodes: a
+  lone joiner alone (batch 1, no padding: exactly what the sequential decoder computes), several joiners in one
+  left-padded batch (the static scheduler's masked prefill; each row's real keys and values go to its slot);
+  chunked prefill (Sarathi-Serve, vLLM V1) would bound the stall a long prompt causes the others, but prompts
+  here are short. Every decode step then runs all active sequences, one token each, each at its own position
   with a mask built from its own length; a finished sequence leaves the batch at once (the last slot is moved
   into its hole so the active slots stay contiguous and the cache views need no copy).
 
@@ -246,6 +247,26 @@ class _SlotPrefill:
         return self.slots.keys[layer_idx][s:s + 1, :, :n], self.slots.values[layer_idx][s:s + 1, :, :n]
 
 
+class _SlotBatchPrefill:
+    """A cache view for a left-padded batch prefill of joiners: row i's real keys/values go to slot
+    `first + i` (pads dropped); attention inside the prefill uses the padded batch itself (with its mask)."""
+
+    def __init__(self, slots: SlotCache, first: int, pads: list[int]):
+        self.slots, self.first, self.pads = slots, first, pads
+
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor):
+        longest = k.shape[2]
+        if longest > self.slots.max_length:
+            raise ContextLengthError(f"prompt of {longest} tokens does not fit a slot of {self.slots.max_length}")
+        for i, pad in enumerate(self.pads):
+            slot, n = self.first + i, longest - pad
+            self.slots.keys[layer_idx][slot, :, :n] = k[i, :, pad:]
+            self.slots.values[layer_idx][slot, :, :n] = v[i, :, pad:]
+            if layer_idx == len(self.slots.keys) - 1:
+                self.slots.lengths[slot] = n
+        return k, v
+
+
 class _Run:
     """The shared state of one run: the clock, the arrival queue, the records and the token counters."""
 
@@ -403,7 +424,21 @@ def _dynamic(run: _Run, pad_token_id: int) -> None:
             run.sleep_until(min(deadline, run.next_arrival_s))
 
 
-def _continuous(run: _Run, max_length: int) -> None:
+def _prefill_joiners(model, slots: SlotCache, first_slot: int, joiners: list[Request], positions: torch.Tensor,
+                     pad_token_id: int) -> list[int]:
+    """Prefill joining prompts into slots first_slot, first_slot + 1, ...; their first (greedy) tokens."""
+    if len(joiners) == 1:
+        prompt = torch.tensor([joiners[0].prompt_ids], device=slots.device)
+        logits = model(prompt, positions[:prompt.shape[1]], slots.prefill_view(first_slot), last_only=True)
+        return [int(logits[0, -1].argmax())]
+    tokens, row_positions, mask, pads = padded_batch_inputs([r.prompt_ids for r in joiners], pad_token_id,
+                                                             slots.device)
+    view = _SlotBatchPrefill(slots, first_slot, pads.tolist())
+    logits = model(tokens, row_positions, view, mask, last_only=True)
+    return logits[:, -1].argmax(dim=-1).tolist()
+
+
+def _continuous(run: _Run, max_length: int, pad_token_id: int = 0) -> None:
     model, device = run.model, run.device
     slots = SlotCache(model.config, run.max_batch, max_length, run.dtype, device)
     positions = torch.arange(max_length, device=device)
@@ -412,18 +447,22 @@ def _continuous(run: _Run, max_length: int) -> None:
     with torch.inference_mode():
         while run.busy or active:
             run.admit()
-            while run.waiting and len(active) < run.max_batch:  # joiners: batch-1 prefill into a free slot
-                request = run.waiting.popleft()
-                record = run.records[request.request_id]
-                record.start_s = run.now()
-                prompt = torch.tensor([request.prompt_ids], device=device)
-                logits = model(prompt, positions[:prompt.shape[1]], slots.prefill_view(len(active)), last_only=True)
-                token_id = int(logits[0, -1].argmax())
-                run.useful_tokens += prompt.shape[1]
-                if run.emit(record, token_id, run.now()):
-                    record.finish_s = record.last_token_s
-                    record.completions += 1
-                else:
+            while run.waiting and len(active) < run.max_batch:  # joiners: prefilled into free slots
+                joiners = [run.waiting.popleft() for _ in range(min(len(run.waiting), run.max_batch - len(active)))]
+                first_slot = len(active)
+                start = run.now()
+                first_tokens = _prefill_joiners(model, slots, first_slot, joiners, positions, pad_token_id)
+                t = run.now()
+                for i, (request, token_id) in enumerate(zip(joiners, first_tokens)):
+                    record = run.records[request.request_id]
+                    record.start_s = start
+                    run.useful_tokens += len(request.prompt_ids)
+                    if run.emit(record, token_id, t):
+                        record.finish_s = record.last_token_s
+                        record.completions += 1
+                        continue
+                    if first_slot + i != len(active):  # a joiner before it finished at once: close the gap
+                        slots.move(first_slot + i, len(active))
                     active.append(record)
                     last_tokens.append(token_id)
                 run.admit()
@@ -488,7 +527,7 @@ def run(scheduler: str, model, requests: Sequence[Request], max_batch: int = 8, 
         elif scheduler == "dynamic":
             _dynamic(state, pad_token_id)
         else:
-            _continuous(state, max(len(r.prompt_ids) + r.max_new_tokens for r in requests))
+            _continuous(state, max(len(r.prompt_ids) + r.max_new_tokens for r in requests), pad_token_id)
         synchronize(state.device)
         wall_s = state.now()
     records = sorted(state.records.values(), key=lambda r: r.request_id)

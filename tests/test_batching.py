@@ -69,9 +69,9 @@ def test_records_and_token_accounting(tiny, mixed):
         assert 0 < stats["busy_fraction"] <= 1
         for r in result.records:
             assert r.arrival_s <= r.start_s <= r.first_token_s <= r.last_token_s <= r.finish_s, (scheduler, r)
-        if scheduler in ("sequential", "continuous"):
+        if scheduler == "sequential":
             assert stats["padded_tokens"] == 0 and stats["computed_tokens"] == useful
-        else:  # mixed prompt lengths and answer lengths: padded rows are computed and counted
+        else:  # mixed prompt lengths (and, static/dynamic, answer lengths): padded tokens are computed and counted
             assert stats["padded_tokens"] > 0 and stats["computed_tokens"] == useful + stats["padded_tokens"]
         if scheduler == "continuous":
             assert 1 < stats["mean_decode_rows"] <= 4
@@ -234,3 +234,16 @@ def test_transformers_continuous_batching_support_is_checked(monkeypatch):
 
     monkeypatch.setattr(transformers, "ContinuousBatchingConfig", OlderConfig)
     assert "page_size" in batching_benchmark.transformers_continuous_unsupported()
+
+
+def test_continuous_joint_prefill_with_requests_done_at_their_first_token(tiny):
+    """Several requests join at once (one padded prefill into their slots); some are done after one token, so
+    the later joiners' slots move down to keep the active slots contiguous. Tokens stay the plain decoder's."""
+    pool = workload.random_pool(tiny.config.vocab_size, 10, 2, 30, seed=7)
+    wl = workload.make_workload(pool, 10, seed=3, min_new_tokens=1, max_new_tokens=9)
+    requests = [workload.Request(r.request_id, r.prompt_ids, 1 if r.request_id % 3 == 0 else r.max_new_tokens,
+                                 r.arrival_s) for r in wl.requests]
+    expected = reference_tokens(tiny, requests, eos=[])
+    result = batching.run("continuous", tiny, requests, max_batch=6, eos_token_ids=[])
+    assert result.tokens == expected
+    assert sum(len(t) == 1 for t in result.tokens.values()) >= 3
