@@ -214,20 +214,22 @@ FORMAT_PAIRS = (("bf16", "F16"), ("INT8", "Q8_0"), ("INT4 g64", "Q4_1"))  # (our
 
 
 def our_format(model, kind: str):
-    """A copy of `model` in one of our formats of `FORMAT_PAIRS`, on the fused attention kernel. INT4 keeps the
-    (tied) lm_head at 8 bits, as llama.cpp's 4-bit files keep their output matrix above 4 bits."""
-    from .quantization import quantize_model
+    """A copy of `model` in one of our formats of `FORMAT_PAIRS` (made as notebook 03's rows are), on the fused
+    attention kernel. INT4 keeps the (tied) lm_head at 8 bits, as llama.cpp's 4-bit files keep their output
+    matrix above 4 bits."""
+    from . import quantized_variants as qv
 
-    copied = copy.deepcopy(model)
     if kind == "bf16":
-        copied.to(torch.bfloat16)
+        variant = qv.dense(model, kind, torch.bfloat16)
     elif kind == "INT8":
-        quantize_model(copied, "rtn", bits=8, group_size=None)
+        variant = qv.quantized(model, kind, "rtn", bits=8)
     elif kind == "INT4 g64":
-        quantize_model(copied, "rtn", bits=4, group_size=64, lm_head_bits=8)
+        variant = qv.quantized(model, kind, "rtn", bits=4, group_size=64, lm_head_bits=8)
     else:
         raise InvalidParameterError(f"unknown format {kind!r}; use one of {[ours for ours, _ in FORMAT_PAIRS]}")
-    return copied.set_attention("sdpa")
+    if variant.skipped:
+        raise InvalidParameterError(f"{kind}: {variant.skipped}")
+    return variant.model.set_attention("sdpa")
 
 
 def format_engines(model, tokenizer, gguf_path=None, threads: int = 2, directory=None) -> dict:
@@ -242,29 +244,29 @@ def format_engines(model, tokenizer, gguf_path=None, threads: int = 2, directory
     for ours, theirs in FORMAT_PAIRS:
         engines[f"llmopt {ours}"] = benchmark.ours(Decoder(our_format(model, ours), tokenizer, cache="static"))
         if gguf_path is not None:
-            source = Path(gguf_path)
-            path = source if source.stem.endswith(theirs) else peers.llama_cpp_format(source, theirs, directory)
-            engines[f"llama.cpp {theirs}"] = peers.llama_cpp_engine(path, threads)
+            engines[f"llama.cpp {theirs}"] = peers.llama_cpp_engine(
+                peers.llama_cpp_format(gguf_path, theirs, directory), threads)
     return engines
 
 
 def format_table(rows: pd.DataFrame) -> pd.DataFrame:
     """One row per format pair: decode and prefill tokens/s of each side and ours / llama.cpp."""
     table = rows.set_index("engine")
+
+    def prefill(name):
+        return table.loc[name, "prompt_tokens"] / table.loc[name, "time_to_first_token_s"]
+
     out = []
     for ours, theirs in FORMAT_PAIRS:
         mine, other = f"llmopt {ours}", f"llama.cpp {theirs}"
         if mine not in table.index:
             continue
-        row = {"ours": ours, "llama.cpp": theirs,
-               "ours_decode_tokens_per_s": table.loc[mine, "decode_tokens_per_s"],
-               "ours_prefill_tokens_per_s": table.loc[mine, "prompt_tokens"] / table.loc[mine, "time_to_first_token_s"]}
+        row = {"ours": ours, "llama.cpp": theirs, "ours_decode_tokens_per_s": table.loc[mine, "decode_tokens_per_s"],
+               "ours_prefill_tokens_per_s": prefill(mine)}
         if other in table.index:
             row["llama_cpp_decode_tokens_per_s"] = table.loc[other, "decode_tokens_per_s"]
-            row["llama_cpp_prefill_tokens_per_s"] = (table.loc[other, "prompt_tokens"]
-                                                     / table.loc[other, "time_to_first_token_s"])
+            row["llama_cpp_prefill_tokens_per_s"] = prefill(other)
             row["decode_ours_over_llama_cpp"] = row["ours_decode_tokens_per_s"] / row["llama_cpp_decode_tokens_per_s"]
-            row["prefill_ours_over_llama_cpp"] = (row["ours_prefill_tokens_per_s"]
-                                                  / row["llama_cpp_prefill_tokens_per_s"])
+            row["prefill_ours_over_llama_cpp"] = row["ours_prefill_tokens_per_s"] / row["llama_cpp_prefill_tokens_per_s"]
         out.append(row)
     return pd.DataFrame(out)

@@ -58,15 +58,17 @@ LLAMA_FTYPES = {"F16": "LLAMA_FTYPE_MOSTLY_F16", "BF16": "LLAMA_FTYPE_MOSTLY_BF1
 
 def llama_cpp_format(source_gguf, kind: str, directory) -> Path:
     """`source_gguf` re-encoded to `kind` (F16, BF16, Q8_0, Q4_0, Q4_1) by llama.cpp's own quantizer, cached in
-    `directory`. From the shipped Q4_1 file this is the same weights (its dequantized values) in another format,
-    which is what our bf16 / INT8 / INT4 variants hold too."""
+    `directory`; a source already in `kind` is returned as is. From the shipped Q4_1 file this is the same weights
+    (its dequantized values) in another format, which is what our bf16 / INT8 / INT4 variants hold too."""
+    if kind not in LLAMA_FTYPES:
+        raise InvalidParameterError(f"unknown GGUF format {kind!r}; use one of {', '.join(LLAMA_FTYPES)}")
+    source = Path(source_gguf)
+    if source.stem.endswith(f".{kind}"):  # already that format (the shipped file is *.Q4_1.gguf)
+        return source
     import ctypes
 
     import llama_cpp
 
-    if kind not in LLAMA_FTYPES:
-        raise InvalidParameterError(f"unknown GGUF format {kind!r}; use one of {', '.join(LLAMA_FTYPES)}")
-    source = Path(source_gguf)
     target = Path(directory) / f"{source.stem}.{kind}.gguf"
     if target.is_file():
         return target

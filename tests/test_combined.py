@@ -99,3 +99,12 @@ def test_format_engines_and_table_without_llama_cpp():
     assert pd.isna(frame.loc[1, "decode_ours_over_llama_cpp"])  # no llama.cpp row: no ratio
     with pytest.raises(InvalidParameterError):
         combined.our_format(model, "INT3")
+
+
+def test_llama_cpp_format_keeps_a_file_already_in_that_format(tmp_path):
+    from llmopt import peers
+
+    shipped = tmp_path / "Model.Q4_1.gguf"
+    assert peers.llama_cpp_format(shipped, "Q4_1", tmp_path / "out") == shipped  # no re-encoding, no llama.cpp call
+    with pytest.raises(InvalidParameterError):
+        peers.llama_cpp_format(shipped, "Q3_K", tmp_path / "out")
