@@ -65,6 +65,8 @@ def environment(device: str | torch.device = "cpu") -> dict:
     """One flat dict describing the run, attached to every result row."""
     import transformers
 
+    from . import cpu_kernels
+
     flags = cpu_flags()
     return {
         "timestamp_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -76,6 +78,7 @@ def environment(device: str | torch.device = "cpu") -> dict:
         "cpu_amx": "amx_bf16" in flags,
         "cpu_avx512": "avx512f" in flags,
         "torch_threads": torch.get_num_threads(),
+        "cpu_kernels": "llmopt AVX2 gemv" if cpu_kernels.available() else f"torch ({cpu_kernels.unavailable_reason()})",
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,

@@ -8,11 +8,13 @@ A block holds 32 consecutive weights of one row and an fp16 scale `d` (Q4_1 adds
 Nibble j of a block's byte i is element i (low nibble) or i + 16 (high nibble), as in ggml-quants.c.
 
 Which kernel runs (said plainly, since that decides the speed):
-- Q4_0 and Q4_1 are group-wise 4-bit with group 32, exactly the int4pack kernels' form: a block becomes a group
+- Q4_0 and Q4_1 are group-wise 4-bit with group 32, the form of our int4 kernel (`llmopt.cpu_kernels`, fp32
+  scale and offset) and of PyTorch's int4pack kernels: a block becomes a group
   with scale d and zero point -m/d in code units (Q4_1) or 8 (Q4_0), i.e. the kernel's `(q - 8) * d + (8d + m)`.
-  The only change is that the kernel holds d and 8d + m in bf16.
-- Q8_0 has a scale per 32 weights; PyTorch's only int8 CPU kernel takes one scale per output channel, so Q8_0
-  layers are dequantized once to bf16 and run as dense bf16 matmuls (Q8_0's accuracy, bf16's speed).
+  PyTorch's kernel holds d and 8d + m in bf16.
+- Q8_0 has a scale per 32 weights: our CPU int8 kernel (`llmopt.cpu_kernels`) takes it as it is; PyTorch's
+  only int8 kernel takes one scale per output channel, so without ours Q8_0 layers are dequantized once to bf16
+  and run as dense bf16 matmuls (Q8_0's accuracy, bf16's speed).
 
 The default model's GGUF stores the linear layers as Q4_1 and the (tied) embedding as Q8_0; llama.cpp converts
 Llama checkpoints with the rows of attn_q / attn_k permuted for its RoPE layout, which we undo as transformers does.
@@ -27,7 +29,8 @@ import torch
 from torch import nn
 
 from .errors import InvalidParameterError
-from .quantization import QuantizedWeight, apply_quantized, linear_names, replace_module
+from .quantization import (QuantizedWeight, apply_quantized, default_activation_dtype, linear_names,
+                           replace_module, uses_our_kernels)
 
 BLOCK = 32
 BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
@@ -107,11 +110,14 @@ def block_bytes(q: QuantizedWeight, kind: str) -> int:
 
 
 def apply_gguf(model: nn.Module, weights: dict[str, QuantizedWeight],
-               activation_dtype: torch.dtype = torch.bfloat16) -> dict[str, str]:
-    """Swap in the GGUF layers: 4-bit blocks on the int4 kernel, Q8_0 dequantized to dense. Returns the kernel
-    each layer runs on."""
-    packed = {name: q for name, q in weights.items() if q.bits == 4}
-    dense = {name: q for name, q in weights.items() if q.bits == 8}
+               activation_dtype: torch.dtype | None = None) -> dict[str, str]:
+    """Swap in the GGUF layers: 4-bit blocks on an int4 kernel; Q8_0 on our int8 kernel (group 32) where it
+    runs, else dequantized to dense. Returns the kernel each layer runs on."""
+    device = next(model.parameters()).device
+    activation_dtype = activation_dtype or default_activation_dtype(device)
+    ours = uses_our_kernels(device)
+    packed = {name: q for name, q in weights.items() if q.bits == 4 or ours}
+    dense = {name: q for name, q in weights.items() if name not in packed}
     kernels = {}
     for name, q in dense.items():
         linear = model.get_submodule(name)
@@ -129,7 +135,7 @@ def apply_gguf(model: nn.Module, weights: dict[str, QuantizedWeight],
 
 
 def quantize_model_gguf(model: nn.Module, kind: str = "Q4_0", include_lm_head: bool = True,
-                        activation_dtype: torch.dtype = torch.bfloat16) -> tuple[dict[str, QuantizedWeight], dict]:
+                        activation_dtype: torch.dtype | None = None) -> tuple[dict[str, QuantizedWeight], dict]:
     """Quantize the model's linear layers to a GGUF block type (Q8_0 / Q4_0 / Q4_1) and swap them in place."""
     weights = {name: quantize_blocks(model.get_submodule(name).weight, kind)
                for name in linear_names(model, include_lm_head)}
@@ -139,7 +145,7 @@ def quantize_model_gguf(model: nn.Module, kind: str = "Q4_0", include_lm_head: b
 
 
 def load_gguf_layers(model: nn.Module, path: str | Path,
-                     activation_dtype: torch.dtype = torch.bfloat16) -> tuple[dict[str, QuantizedWeight], dict]:
+                     activation_dtype: torch.dtype | None = None) -> tuple[dict[str, QuantizedWeight], dict]:
     """Put a GGUF file's own quantized blocks into `model` (which must hold the same architecture): the
     pre-quantized route, no re-quantization. Tensors the file stores otherwise (F32 norms, the embedding)
     keep the model's values."""

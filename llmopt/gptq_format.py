@@ -167,8 +167,9 @@ def read_weights(path: str | Path) -> tuple[dict[str, QuantizedWeight], dict[str
     return weights, tensors, qconfig
 
 
-def load_checkpoint(path: str | Path, dtype=torch.bfloat16, device="cpu"):
+def load_checkpoint(path: str | Path, dtype: torch.dtype | None = None, device="cpu"):
     """Our decoder with packed-kernel layers from a GPTQ-format checkpoint (ours, gptqmodel's or auto-gptq's).
+    `dtype`: the activations' (default: what the kernels on `device` take, `quantization.default_activation_dtype`).
 
     Returns (model, weights, quantization_config)."""
     from transformers import AutoConfig

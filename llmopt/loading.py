@@ -128,6 +128,7 @@ class LoadedModel:
     dtype: torch.dtype
     device: torch.device
     source_note: str
+    kernels: str = "torch"  # what the linear layers run on: "llmopt" (our CPU GEMV) or "torch"
 
 
 def build_model(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], dtype=torch.float32,
@@ -151,8 +152,12 @@ def build_model(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], dtype=tor
 
 
 def load_model(name_or_path: str | None = None, dtype: str | torch.dtype = "fp32",
-               device: str = "cpu") -> LoadedModel:
-    """Load our decoder and tokenizer: the default GGUF model, a local checkpoint, or a cached hub id."""
+               device: str = "cpu", kernels: str = "auto") -> LoadedModel:
+    """Load our decoder and tokenizer: the default GGUF model, a local checkpoint, or a cached hub id.
+
+    kernels: "auto" runs the linear layers' decode-size products on our CPU GEMV (`llmopt.cpu_kernels`) where it
+    builds; "torch" keeps PyTorch's matmul everywhere; "llmopt" insists on ours (an error where it cannot run)."""
+    from . import cpu_kernels
     from transformers import AutoConfig, AutoTokenizer
 
     torch_dtype = resolve_dtype(dtype)
@@ -163,11 +168,20 @@ def load_model(name_or_path: str | None = None, dtype: str | torch.dtype = "fp32
     except ValueError as exc:  # an architecture transformers itself does not know
         raise UnsupportedModelError(f"cannot read the config in {checkpoint}: {exc}") from None
     cfg = ModelConfig.from_hf(hf_config)
+    if kernels not in ("auto", "torch", "llmopt"):
+        raise InvalidParameterError(f"unknown kernels {kernels!r}; use auto, torch or llmopt")
+    ours = kernels != "torch" and device.type == "cpu" and cpu_kernels.available()
+    if kernels == "llmopt" and not ours:
+        raise InvalidParameterError(f"kernels='llmopt' cannot run here: "
+                                    f"{cpu_kernels.unavailable_reason() or 'they are CPU kernels'}")
     model = build_model(cfg, load_state_dict(checkpoint), torch_dtype, device)
+    if ours:
+        cpu_kernels.use_gemv(model)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     is_default = checkpoint == cache_dir() / "models" / DEFAULT_MODEL
     return LoadedModel(model, tokenizer, checkpoint, DEFAULT_MODEL if is_default else str(name_or_path),
-                       torch_dtype, device, DEFAULT_MODEL_NOTE if is_default else f"checkpoint {checkpoint}")
+                       torch_dtype, device, DEFAULT_MODEL_NOTE if is_default else f"checkpoint {checkpoint}",
+                       "llmopt" if ours else "torch")
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:

@@ -231,8 +231,52 @@ def _int8_kernel_runs(device, dtype) -> bool:
         return False
 
 
+def uses_our_kernels(device=None) -> bool:
+    """Whether quantized layers on `device` run on our AVX2 kernels (`llmopt.cpu_kernels`): CPU, where they build."""
+    from . import cpu_kernels
+
+    return torch.device(device or "cpu").type == "cpu" and cpu_kernels.available()
+
+
+def default_activation_dtype(device=None) -> torch.dtype:
+    """fp32 on our CPU kernels (they take fp32 activations); bf16 on PyTorch's packed kernels (fast only so)."""
+    return torch.float32 if uses_our_kernels(device) else torch.bfloat16
+
+
+def gemv_linear(q: QuantizedWeight, bias=None) -> nn.Module:
+    """Our kernels' module (`cpu_kernels.QuantizedGemvLinear`) for a quantized weight: int8 (symmetric, any group
+    size) or int4 (group-wise, symmetric or not); act-order columns are sorted by group and x permuted to match."""
+    from . import cpu_kernels
+
+    n, k = q.shape
+    reason = cpu_kernels.quantized_supported(n, k, q.group_size, q.bits)
+    if reason:
+        raise InvalidParameterError(f"our kernels cannot take this layer: {reason}")
+    codes, order = q.codes, None
+    expected = torch.arange(k, device=q.g_idx.device) // q.group_size
+    if not torch.equal(q.g_idx.long(), expected):
+        order = torch.argsort(q.g_idx.long(), stable=True)
+        if not torch.equal(q.g_idx.long()[order], expected):
+            raise InvalidParameterError("g_idx groups are not all of size group_size")
+        codes = codes[:, order]
+    bias = None if bias is None else bias.detach().to(torch.float32).cpu()
+    if q.bits == 8:
+        if not q.symmetric:
+            raise InvalidParameterError("the int8 kernel takes symmetric codes (zero point 128)")
+        weight = (codes.to(torch.int16) - 128).to(torch.int8)
+        return cpu_kernels.QuantizedGemvLinear(8, weight, q.scales, None, k, q.group_size, bias, order)
+    packed = cpu_kernels.pack_int4(codes, q.group_size)
+    return cpu_kernels.QuantizedGemvLinear(4, packed, q.scales, -q.zeros * q.scales, k, q.group_size, bias, order)
+
+
 def quantized_linear(q: QuantizedWeight, bias=None, dtype=torch.bfloat16, device=None) -> nn.Module:
-    """The packed-kernel module for a quantized weight: Int8Linear (8 bits per channel) or Int4Linear."""
+    """The kernel module for a quantized weight: on the CPU our AVX2 kernels where they build (any group size
+    that is a multiple of 16), else PyTorch's packed kernels: Int8Linear (8 bits per channel) or Int4Linear."""
+    from . import cpu_kernels
+
+    device = device or q.codes.device
+    if uses_our_kernels(device) and not cpu_kernels.quantized_supported(*q.shape, q.group_size, q.bits):
+        return gemv_linear(q, bias)
     if q.bits == 8:
         return Int8Linear.from_quantized(q, bias, dtype, device)
     if q.bits == 4:
@@ -252,9 +296,11 @@ def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def apply_quantized(model: nn.Module, weights: dict[str, QuantizedWeight],
-                    activation_dtype: torch.dtype = torch.bfloat16) -> nn.Module:
-    """Swap each named `nn.Linear` for its packed-kernel module; the rest of the model goes to `activation_dtype`."""
+                    activation_dtype: torch.dtype | None = None) -> nn.Module:
+    """Swap each named `nn.Linear` for its kernel module; the rest of the model goes to `activation_dtype`
+    (default: `default_activation_dtype`, fp32 on our CPU kernels, bf16 on PyTorch's)."""
     device = next(model.parameters()).device
+    activation_dtype = activation_dtype or default_activation_dtype(device)
     biases = {name: model.get_submodule(name).bias for name in weights}
     if "lm_head" in weights and model.lm_head.weight is model.embed_tokens.weight:
         model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())  # untie before the swap
@@ -266,7 +312,7 @@ def apply_quantized(model: nn.Module, weights: dict[str, QuantizedWeight],
 
 def quantize_model(model: nn.Module, method: str = "rtn", bits: int = 4, group_size: int | None = 64,
                    symmetric: bool = False, include_lm_head: bool = True, lm_head_bits: int | None = None,
-                   activation_dtype: torch.dtype = torch.bfloat16, calibration_ids: torch.Tensor | None = None,
+                   activation_dtype: torch.dtype | None = None, calibration_ids: torch.Tensor | None = None,
                    **gptq_options) -> dict[str, QuantizedWeight]:
     """Quantize `model`'s linear layers in place (gpt-fast style) and return the integer weights (for saving).
 

@@ -25,3 +25,17 @@ def default_hf_model(default_model):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(default_model.checkpoint, dtype=torch.float32).eval()
+
+
+@pytest.fixture(params=["llmopt", "torch"])
+def kernels(request):
+    """Run the test on our CPU kernels (skipped where they do not build) and on PyTorch's."""
+    from llmopt import cpu_kernels
+
+    if request.param == "llmopt":
+        if not cpu_kernels.available():
+            pytest.skip(f"llmopt CPU kernels unavailable: {cpu_kernels.unavailable_reason()}")
+        yield request.param
+    else:
+        with cpu_kernels.switched_off():
+            yield request.param

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from llmopt import bandwidth, evaluation, gguf_formats, gptq, gptq_format, quantization
+from llmopt import bandwidth, cpu_kernels, evaluation, gguf_formats, gptq, gptq_format, quantization
 from llmopt.errors import InvalidParameterError
 from llmopt.generate import Decoder, GenerationConfig
 from llmopt.testing import tiny_hf_config, tiny_model
@@ -99,30 +99,34 @@ def test_gptq_output_error_is_lower_than_rtn_at_the_same_bits_and_groups(act_ord
     assert relative_error(layer(x), x.float() @ q_gptq.dequantize().t()) < 2e-2
 
 
-def test_gptq_on_a_tiny_model_quantizes_every_projection_and_generates():
+def test_gptq_on_a_tiny_model_quantizes_every_projection_and_generates(kernels):
     model = tiny_model(tie_word_embeddings=True)
     embedding = model.embed_tokens.weight.detach().clone()
     calibration = torch.randint(0, 96, (4, 32), generator=torch.Generator().manual_seed(0))
     weights = quantization.quantize_model(model, method="gptq", bits=4, group_size=32, calibration_ids=calibration)
     assert set(weights) == set(quantization.linear_names(tiny_model()))
-    assert all(isinstance(model.get_submodule(n), quantization.Int4Linear) for n in weights)
-    assert torch.equal(model.embed_tokens.weight, embedding.to(torch.bfloat16))  # the tied lm_head was copied first
+    expected = cpu_kernels.QuantizedGemvLinear if kernels == "llmopt" else quantization.Int4Linear
+    assert all(isinstance(model.get_submodule(n), expected) for n in weights)
+    activation_dtype = quantization.default_activation_dtype()
+    assert activation_dtype == (torch.float32 if kernels == "llmopt" else torch.bfloat16)
+    assert torch.equal(model.embed_tokens.weight, embedding.to(activation_dtype))  # the tied lm_head was copied first
     generation = Decoder(model, cache="static").generate([1, 5, 9], GenerationConfig(max_new_tokens=6, ignore_eos=True))
     assert len(generation.token_ids) == 6
 
 
 @pytest.mark.parametrize("bits", [8, 4])
-def test_quantized_tiny_model_generates_like_the_full_precision_one(bits):
+def test_quantized_tiny_model_generates_like_the_full_precision_one(bits, kernels):
     reference = tiny_model()
     model, dequantized = copy.deepcopy(reference), copy.deepcopy(reference)
     weights = quantization.quantize_model(model, bits=bits, group_size=32)
-    assert model.embed_tokens.weight.dtype == torch.bfloat16
+    assert model.embed_tokens.weight.dtype == quantization.default_activation_dtype()
     for name, q in weights.items():  # the same model with the quantized weights as dense fp32 matrices
         dequantized.get_submodule(name).weight.data = q.dequantize()
     tokens, positions = torch.tensor([[1, 5, 9, 13, 17, 21]]), torch.arange(6)
     with torch.no_grad():
         actual = model(tokens, positions)
-        assert relative_error(actual, dequantized(tokens, positions)) < 0.03  # only bf16 activations differ
+        tolerance = 1e-5 if kernels == "llmopt" else 0.03  # fp32 activations on ours, bf16 on PyTorch's
+        assert relative_error(actual, dequantized(tokens, positions)) < tolerance
         if bits == 8:
             assert relative_error(actual, reference(tokens, positions)) < 0.05
     generation = Decoder(model, cache="static").generate([1, 5, 9], GenerationConfig(max_new_tokens=8, ignore_eos=True))
@@ -146,7 +150,7 @@ def test_pack_int32_matches_the_gptq_bit_layout():
     ("llama", dict(method="gptq", bits=4, group_size=32, symmetric=True, act_order=True)),
     ("llama", dict(method="gptq", bits=4, group_size=64, lm_head_bits=8)),  # mixed bits: a `dynamic` override
 ])
-def test_gptq_format_checkpoint_reloads_bit_exactly(model_type, options, tmp_path):
+def test_gptq_format_checkpoint_reloads_bit_exactly(model_type, options, tmp_path, kernels):
     model = tiny_model(model_type)
     calibration = torch.randint(0, 96, (2, 32), generator=torch.Generator().manual_seed(0))
     weights = quantization.quantize_model(model, calibration_ids=calibration if options["method"] == "gptq" else None,
@@ -196,12 +200,15 @@ def test_gguf_blocks_decode_like_the_gguf_package(kind):
         assert relative_error(layer(x), x.float() @ expected.t()) < 2e-2
 
 
-def test_gguf_model_quantization_runs_each_format():
+def test_gguf_model_quantization_runs_each_format(kernels):
     for kind in ("Q8_0", "Q4_0", "Q4_1"):
         model = tiny_model()
-        _, kernels = gguf_formats.quantize_model_gguf(model, kind)
-        expected = "dense" if kind == "Q8_0" else "int4pack"
-        assert all(expected in k for k in kernels.values())
+        _, layer_kernels = gguf_formats.quantize_model_gguf(model, kind)
+        if kernels == "llmopt":
+            expected = "gemv_q8" if kind == "Q8_0" else "gemv_q4"
+        else:
+            expected = "dense" if kind == "Q8_0" else "int4pack"
+        assert all(expected in k for k in layer_kernels.values())
         assert len(Decoder(model, cache="static").generate([1, 2], GenerationConfig(max_new_tokens=3)).token_ids) >= 1
 
 
