@@ -37,6 +37,17 @@ def ours(decoder: Decoder) -> Engine:
     return run
 
 
+def on_pytorch_matmul(engine: Engine) -> Engine:
+    """The same engine with our CPU kernels switched off (`cpu_kernels.switched_off`): PyTorch's matmul runs
+    every linear layer, which separates what the kernels give from what the rest of the decoder gives."""
+    from . import cpu_kernels
+
+    def run(prompt_ids, new_tokens):
+        with cpu_kernels.switched_off():
+            return engine(prompt_ids, new_tokens)
+    return run
+
+
 def transformers_generate(hf_model, use_cache: bool, **kwargs) -> Engine:
     """transformers' `generate` (greedy, exactly `new_tokens`), per-token times taken by a streamer."""
     from transformers.generation.streamers import BaseStreamer

@@ -223,9 +223,9 @@ def cast_model(target: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Mod
 def self_quantizer(scheme: str = "int8") -> tuple[Callable[[nn.Module], nn.Module], str]:
     """(function model -> quantized model, the scheme it applies) for the `self_quantized` drafter.
 
-    'int8' / 'int4' use this project's quantization (`llmopt.quantization.quantize_model`, round-to-nearest,
-    packed kernels, bf16 activations); where that module is not installed the bf16 cast stands in and the
-    returned scheme says 'bf16 (stand-in: llmopt.quantization missing)'. 'bf16' / 'fp16' cast the weights."""
+    'int8' / 'int4' use this project's quantization (`llmopt.quantization.quantize_model`, round-to-nearest, on
+    the kernels `quantization.quantized_linear` picks); where that module is not installed the bf16 cast stands in
+    and the returned scheme says 'bf16 (stand-in: llmopt.quantization missing)'. 'bf16' / 'fp16' cast the weights."""
     if scheme in ("bf16", "fp16"):
         dtype = torch.bfloat16 if scheme == "bf16" else torch.float16
         return (lambda m: m.to(dtype)), scheme
