@@ -4,7 +4,8 @@ Why: a decode step multiplies every weight matrix by one activation row (a GEMV)
 which the weights stream from memory. PyTorch's dense fp32 GEMV (MKL) streams 6-10 GB/s on the 2-core AMD EPYC
 this suite was built on, half of what a plain AVX2 loop reaches (13-17 GB/s), and its packed int8 / int4 CPU
 kernels are fast only with bf16 activations. These kernels take fp32 activations and weights as fp32, bf16,
-int8 (group-wise scales) or int4 (group-wise scale and offset), for up to `MAX_ROWS` activation rows (decode,
+int8 (group-wise scales) or int4 (group-wise scale and offset; there the activations are quantized to int8 in
+blocks of 32 for integer dot products, llama.cpp's scheme), for up to `MAX_ROWS` activation rows (decode,
 batched decode, speculative verification); more rows (prefill) go to PyTorch's GEMM, with quantized weights
 expanded to fp32 first by the same library.
 
@@ -36,7 +37,7 @@ FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
 MAX_ROWS = 16  # activation rows up to which the GEMV kernels run (beyond: PyTorch's GEMM)
 CPU_FEATURES = ("avx2", "fma", "f16c")
 SIGNATURES = {"gemv_f32": "pppiii", "gemv_bf16": "pppiii", "gemv_q8": "ppppiiii", "gemv_q4": "pppppiiii",
-              "dequant_q8": "pppiii", "dequant_q4": "ppppiii"}  # p: pointer, i: int
+              "dequant_q8": "pppiii", "dequant_q4": "ppppiii", "fake_quantize_q8": "ppii"}  # p: pointer, i: int
 
 
 def _cpu_flags() -> set[str]:
@@ -167,7 +168,10 @@ class QuantizedGemvLinear(nn.Module):
 
     int8: `weight` int8 [N, K], `scales` fp32 [N, K / G], W = code * scale (symmetric).
     int4: `weight` uint8 [N, K / 2], per group of G codes byte j holds code j (low nibble) and j + G/2 (high),
-    `scales`, `offsets` fp32 [N, K / G], W = code * scale + offset. `input_order` permutes x first (GPTQ act-order)."""
+    `scales`, `offsets` fp32 [N, K / G], W = code * scale + offset; it computes W x^ with x^ the activations
+    quantized to int8 blocks of 32 (`quantize_activations`), as llama.cpp's Q4 x Q8 dot products do, on every
+    path (decode and prefill), so perplexity measures what decoding runs. `input_order` permutes x first
+    (GPTQ act-order)."""
 
     def __init__(self, bits: int, weight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None,
                  in_features: int, group_size: int, bias: torch.Tensor | None = None,
@@ -184,12 +188,19 @@ class QuantizedGemvLinear(nn.Module):
 
     def dequantize(self) -> torch.Tensor:
         """The fp32 weight [N, K] (in the permuted input order when `input_order` is set)."""
-        n, k = self.out_features, self.in_features
+        n, k, g = self.out_features, self.in_features, self.group_size
+        if not (self.weight.is_cpu and _load()[0] is not None):  # e.g. moved to CUDA: the same math in PyTorch
+            scales = self.scales.repeat_interleave(g, dim=1)
+            if self.bits == 8:
+                return self.weight.float() * scales
+            packed = self.weight.view(n, k // g, g // 2)
+            codes = torch.cat([packed & 0x0F, packed >> 4], dim=-1).reshape(n, k).float()
+            return codes * scales + self.offsets.repeat_interleave(g, dim=1)
         out = torch.empty(n, k, dtype=torch.float32)
         if self.bits == 8:
-            _call("dequant_q8", self.weight, self.scales, out, n, k, self.group_size)
+            _call("dequant_q8", self.weight, self.scales, out, n, k, g)
         else:
-            _call("dequant_q4", self.weight, self.scales, self.offsets, out, n, k, self.group_size)
+            _call("dequant_q4", self.weight, self.scales, self.offsets, out, n, k, g)
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -209,11 +220,24 @@ class QuantizedGemvLinear(nn.Module):
             else:
                 lib.gemv_q4(x32.data_ptr(), self.weight.data_ptr(), self.scales.data_ptr(), self.offsets.data_ptr(),
                             y.data_ptr(), rows, n, k, self.group_size)
-        else:
-            y = F.linear(x32, self.dequantize())
+        else:  # many rows (prefill): the same activations the int4 kernel uses, then PyTorch's GEMM
+            y = F.linear(quantize_activations(x32) if self.bits == 4 else x32, self.dequantize())
         if y.dtype != x.dtype:
             y = y.to(x.dtype)
         return y if self.bias is None else y + self.bias
+
+
+def quantize_activations(x: torch.Tensor) -> torch.Tensor:
+    """x [..., K] (fp32, contiguous, K a multiple of 32) as the int4 kernel computes with it: per block of 32
+    values, d = max|x| / 127 and x^ = round(x / d) * d (llama.cpp's Q8_0 quantization of activations)."""
+    if not (x.is_cpu and _load()[0] is not None):  # the same definition in PyTorch (tested equal)
+        blocks = x.reshape(*x.shape[:-1], -1, 32)
+        d = blocks.abs().amax(-1, keepdim=True) / 127
+        codes = torch.where(d > 0, torch.round(blocks / d), torch.zeros_like(blocks))
+        return (codes * d).reshape(x.shape)
+    out = torch.empty_like(x)
+    _call("fake_quantize_q8", x, out, x.numel() // x.shape[-1], x.shape[-1])
+    return out
 
 
 def pack_int4(codes: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -227,6 +251,7 @@ def quantized_supported(out_features: int, in_features: int, group_size: int, bi
     """None if our kernels take this layer, else why not."""
     if bits not in (8, 4):
         return f"no kernel for {bits}-bit weights"
-    if group_size % 16 or in_features % group_size:
-        return f"group size {group_size} must be a multiple of 16 dividing in_features {in_features}"
+    multiple = 16 if bits == 8 else 32  # int4: activations are quantized in blocks of 32
+    if group_size % multiple or in_features % group_size:
+        return f"group size {group_size} must be a multiple of {multiple} dividing in_features {in_features}"
     return None

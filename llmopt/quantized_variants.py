@@ -45,11 +45,19 @@ class Variant:
                 "skipped": self.skipped}
 
 
+def dense_kernel(model: nn.Module) -> str:
+    """What a dense model's linear layers run on: our GEMV (decode) where it runs, else PyTorch's matmul."""
+    from . import cpu_kernels
+
+    dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+    ours = cpu_kernels.available() and any(isinstance(m, cpu_kernels.GemvLinear) for m in model.modules())
+    return f"llmopt AVX2 gemv ({dtype} weights)" if ours else f"dense {dtype} matmul"
+
+
 def dense(base: nn.Module, name: str, dtype: torch.dtype) -> Variant:
     start = time.perf_counter()
     model = copy.deepcopy(base).to(dtype)
-    return Variant(name, "dense", model, f"dense {str(dtype).replace('torch.', '')} matmul",
-                   quantize_s=time.perf_counter() - start)
+    return Variant(name, "dense", model, dense_kernel(model), quantize_s=time.perf_counter() - start)
 
 
 def quantized(base: nn.Module, name: str, method: str, bits: int, group_size: int | None = None,
@@ -81,7 +89,7 @@ def gguf(base: nn.Module, name: str, kind: str, gguf_path: str | Path | None = N
     seconds = time.perf_counter() - start
     names = set(kernels.values())
     if gguf_path is not None and model.lm_head.weight is model.embed_tokens.weight:
-        names.add("lm_head: dense bf16 (tied to the Q8_0 embedding)")
+        names.add(f"lm_head: {dense_kernel(model)} (tied to the Q8_0 embedding)")
     variant = Variant(name, "gguf", model, ", ".join(sorted(names)), 8 if kind == "Q8_0" else 4, 32, seconds, weights)
     if gguf_path is not None:
         variant.file_bytes, variant.file_note = Path(gguf_path).stat().st_size, "the GGUF file itself"

@@ -125,7 +125,8 @@ def test_quantized_tiny_model_generates_like_the_full_precision_one(bits, kernel
     tokens, positions = torch.tensor([[1, 5, 9, 13, 17, 21]]), torch.arange(6)
     with torch.no_grad():
         actual = model(tokens, positions)
-        tolerance = 1e-5 if kernels == "llmopt" else 0.03  # fp32 activations on ours, bf16 on PyTorch's
+        # ours: fp32 activations (int8 blocks into the int4 kernel); PyTorch's kernels: bf16 activations
+        tolerance = (1e-5 if bits == 8 else 0.03) if kernels == "llmopt" else 0.03
         assert relative_error(actual, dequantized(tokens, positions)) < tolerance
         if bits == 8:
             assert relative_error(actual, reference(tokens, positions)) < 0.05

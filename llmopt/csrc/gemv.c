@@ -1,12 +1,13 @@
 /* Batch-1 (and few-row) matrix-vector kernels for the CPU decode step, AVX2 + FMA.
 
    y[m, n] = sum_k x[m, k] * W[n, k] for x fp32 [M, K] and W stored as fp32, bf16, int8 (group-wise scale) or
-   int4 (group-wise scale and offset); `dequant_*` expand the codes for the many-row (prefill) path. Rows of W
+   int4 (group-wise scale and offset; x quantized to int8 blocks first, as llama.cpp does); `dequant_*` expand the codes for the many-row (prefill) path. Rows of W
    are split across OpenMP threads (PyTorch's own OpenMP runtime, so torch.set_num_threads applies); each thread
    streams its rows once from memory and reuses them, from L1, for every row of x. Every output is computed the
    same way whatever M is (batch invariant). */
 #include <immintrin.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 static inline float hsum(__m256 v) {
     __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -101,25 +102,70 @@ void gemv_q8(const float *x, const int8_t *w, const float *scales, float *y, int
     }
 }
 
+/* Activations for the int4 kernel, as llama.cpp quantizes them for its Q4 x Q8 dot products: blocks of 32
+   values, each block one scale d = max|x| / 127 and codes round(x / d) in -127..127 (d = 0: all codes 0).
+   The rounding is to nearest even (the default mode), the same as torch.round. */
+static void quantize_q8_blocks(const float *x, int8_t *xq, float *xd, int K) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    for (int b = 0; b < K / 32; b++) {
+        const float *xb = x + b * 32;
+        __m256 amax = _mm256_setzero_ps();
+        for (int i = 0; i < 32; i += 8) amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, _mm256_loadu_ps(xb + i)));
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+        float d = _mm_cvtss_f32(m4) / 127.0f;
+        xd[b] = d;
+        if (d == 0.0f) {
+            for (int i = 0; i < 32; i++) xq[b * 32 + i] = 0;
+            continue;
+        }
+        __m256 dv = _mm256_set1_ps(d);
+        __m256i q[4];
+        for (int i = 0; i < 4; i++) q[i] = _mm256_cvtps_epi32(_mm256_div_ps(_mm256_loadu_ps(xb + 8 * i), dv));
+        __m256i q01 = _mm256_packs_epi32(q[0], q[1]), q23 = _mm256_packs_epi32(q[2], q[3]);
+        __m256i q8 = _mm256_packs_epi16(q01, q23);  /* lanes interleaved by the packs: put them back in order */
+        q8 = _mm256_permutevar8x32_epi32(q8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        q8 = _mm256_max_epi8(q8, _mm256_set1_epi8(-127));
+        _mm256_storeu_si256((__m256i *)(xq + b * 32), q8);
+    }
+}
+
+static inline __m256 dot_u4_s8(__m256i codes, const int8_t *xq, float d, __m256 acc) {
+    __m256i p16 = _mm256_maddubs_epi16(codes, _mm256_loadu_si256((const __m256i *)xq));
+    __m256i p32 = _mm256_madd_epi16(p16, _mm256_set1_epi16(1));
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(p32), _mm256_set1_ps(d), acc);
+}
+
 /* int4 codes, group-wise: W[n, k] = code * scale[n, g] + offset[n, g], g = k / G. Each group's G codes fill G/2
-   bytes: byte j holds code j (low nibble) and code j + G/2 (high nibble). G is a multiple of 16.
-   y = sum_g scale[g] * sum_{k in g} x[k] * code[k] + offset[g] * sum_{k in g} x[k]. */
+   bytes: byte j holds code j (low nibble) and code j + G/2 (high nibble). G and K are multiples of 32.
+   x is first quantized to int8 blocks (quantize_q8_blocks: x^ = code * d), so the products are integer dot
+   products (maddubs), llama.cpp's Q4_1 x Q8 scheme; the result is W x^ in fp32 arithmetic:
+   y = sum_g scale[g] * sum_{blocks b in g} d_b * sum_{k in b} code_w[k] * code_x[k] + offset[g] * sum_{k in g} x^[k]. */
 void gemv_q4(const float *x, const uint8_t *w, const float *scales, const float *offsets, float *y,
              int M, int N, int K, int G) {
-    int groups = K / G, half = G / 2;
-    float xsum[M * groups];  /* sum of x over each group, for the offset term */
-    for (int m = 0; m < M; m++)
+    int groups = K / G, half = G / 2, blocks = K / 32;
+    int8_t *xq = malloc((size_t)M * K);
+    float *xd = malloc(sizeof(float) * (size_t)M * blocks), *xsum = malloc(sizeof(float) * (size_t)M * groups);
+    for (int m = 0; m < M; m++) {
+        quantize_q8_blocks(x + (int64_t)m * K, xq + (int64_t)m * K, xd + m * blocks, K);
         for (int g = 0; g < groups; g++) {
-            __m256 a = _mm256_setzero_ps();
-            for (int k = 0; k < G; k += 8) a = _mm256_add_ps(a, _mm256_loadu_ps(x + (int64_t)m * K + g * G + k));
-            xsum[m * groups + g] = hsum(a);
+            float s = 0.f;
+            for (int b = g * G / 32; b < (g + 1) * G / 32; b++) {
+                int codes = 0;
+                for (int i = 0; i < 32; i++) codes += xq[(int64_t)m * K + b * 32 + i];
+                s += xd[m * blocks + b] * (float)codes;
+            }
+            xsum[m * groups + g] = s;
         }
-    const __m256i mask = _mm256_set1_epi32(0xF);
+    }
+    const __m256i low = _mm256_set1_epi8(0x0F);
     #pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n += ROWS) {
         int rows = N - n < ROWS ? N - n : ROWS;
         for (int m = 0; m < M; m++) {
-            const float *xm = x + (int64_t)m * K;
+            const int8_t *xm = xq + (int64_t)m * K;
+            const float *dm = xd + m * blocks, *sm = xsum + m * groups;
             for (int r = 0; r < rows; r++) {
                 const uint8_t *wr = w + (int64_t)(n + r) * (K / 2);
                 const float *sr = scales + (int64_t)(n + r) * groups, *orow = offsets + (int64_t)(n + r) * groups;
@@ -127,20 +173,43 @@ void gemv_q4(const float *x, const uint8_t *w, const float *scales, const float 
                 float off = 0.f;
                 for (int g = 0; g < groups; g++) {
                     const uint8_t *wg = wr + g * half;
-                    const float *xg = xm + g * G;
-                    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-                    for (int j = 0; j < half; j += 8) {
-                        __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(wg + j)));
-                        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(xg + j), _mm256_cvtepi32_ps(_mm256_and_si256(b, mask)), a0);
-                        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(xg + half + j), _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4)), a1);
+                    const int k0 = g * G;
+                    __m256 a = _mm256_setzero_ps();
+                    if (G == 32) {
+                        __m128i b = _mm_loadu_si128((const __m128i *)wg);
+                        __m256i codes = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), _mm256_castsi256_si128(low)),
+                                                         _mm_and_si128(b, _mm256_castsi256_si128(low)));
+                        a = dot_u4_s8(codes, xm + k0, dm[k0 / 32], a);
+                    } else {
+                        for (int j = 0; j < half; j += 32) {
+                            __m256i b = _mm256_loadu_si256((const __m256i *)(wg + j));
+                            a = dot_u4_s8(_mm256_and_si256(b, low), xm + k0 + j, dm[(k0 + j) / 32], a);
+                            a = dot_u4_s8(_mm256_and_si256(_mm256_srli_epi16(b, 4), low), xm + k0 + half + j,
+                                          dm[(k0 + half + j) / 32], a);
+                        }
                     }
-                    acc = _mm256_fmadd_ps(_mm256_add_ps(a0, a1), _mm256_set1_ps(sr[g]), acc);
-                    off += orow[g] * xsum[m * groups + g];
+                    acc = _mm256_fmadd_ps(a, _mm256_set1_ps(sr[g]), acc);
+                    off += orow[g] * sm[g];
                 }
                 y[(int64_t)m * N + n + r] = hsum(acc) + off;
             }
         }
     }
+    free(xq);
+    free(xd);
+    free(xsum);
+}
+
+/* The activations the int4 kernel computes with (x^ = code * d per block of 32), for its many-row path and tests. */
+void fake_quantize_q8(const float *x, float *out, int M, int K) {
+    int8_t *xq = malloc((size_t)K);
+    float *xd = malloc(sizeof(float) * (size_t)(K / 32));
+    for (int m = 0; m < M; m++) {
+        quantize_q8_blocks(x + (int64_t)m * K, xq, xd, K);
+        for (int k = 0; k < K; k++) out[(int64_t)m * K + k] = (float)xq[k] * xd[k / 32];
+    }
+    free(xq);
+    free(xd);
 }
 
 /* Dequantize to fp32 (the prefill path: dequantize, then one GEMM). */

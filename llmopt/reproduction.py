@@ -1,0 +1,169 @@
+"""Does the combined notebook reproduce each optimization's effect as its own notebook measured it?
+
+For each optimization, one ratio (with / without it) on the metric its own notebook reports, read from that
+notebook's results of the latest run (`data/results/`), at the condition closest to the combined workload's, with
+the band its repeats span: for medians a, b with spreads (range, or IQR from 4 repeats) sa, sb the band is
+[(a - sa/2) / (b + sb/2), (a + sa/2) / (b - sb/2)]. The combined notebook's ratio is the step that adds the
+optimization in the document's order (or, for batching, its own batching run); it is "within" when it falls
+inside the band. The conditions differ (prompt lengths, k, what is already stacked), and each row says how.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from . import harness
+
+
+@dataclass
+class Effect:
+    optimization: str
+    metric: str
+    ratio: float
+    low: float
+    high: float
+    condition: str
+
+
+def ratio_band(a: float, spread_a: float, b: float, spread_b: float) -> tuple[float, float, float]:
+    """(a / b, low, high) with each median moved by half its spread in the direction that widens the band."""
+    spread_a, spread_b = (0.0 if pd.isna(s) else float(s) for s in (spread_a, spread_b))
+    low = (a - spread_a / 2) / (b + spread_b / 2)
+    denominator = b - spread_b / 2
+    high = (a + spread_a / 2) / denominator if denominator > 0 else float("inf")
+    return a / b, low, high
+
+
+def _nearest(frame: pd.DataFrame, column: str, value: float) -> pd.DataFrame:
+    target = frame[column].iloc[(frame[column] - value).abs().argsort().iloc[0]]
+    return frame[frame[column] == target]
+
+
+def _read(directory: Path, name: str) -> pd.DataFrame | None:
+    path = directory / f"{name}.csv"
+    return pd.read_csv(path) if path.exists() else None
+
+
+def _kv_cache(d: Path, prompt_tokens: int) -> Effect | None:
+    sweep = _read(d, "01_kv_cache_sweep")
+    if sweep is None:
+        return None
+    rows = _nearest(sweep, "prompt_tokens", prompt_tokens).set_index("engine")
+    on, off = rows.loc["static cache"], rows.loc["no cache"]
+    return Effect("kv_cache", "decode tokens/s", *ratio_band(on.decode_tokens_per_s, on.decode_tokens_per_s_spread,
+                                                           off.decode_tokens_per_s, off.decode_tokens_per_s_spread),
+                  f"01: {int(on.prompt_tokens)}-token prompt, {int(on.new_tokens)} new tokens, SDPA attention")
+
+
+def _quantization(d: Path, variant: str) -> Effect | None:
+    table = _read(d, "03_quantization")
+    if table is None or variant not in set(table.variant):
+        return None
+    rows = table.set_index("variant")
+    on, off = rows.loc[variant], rows.loc["fp32"]
+    return Effect("quantization", "decode tokens/s", *ratio_band(on.decode_tokens_per_s, on.decode_tokens_per_s_spread,
+                                                               off.decode_tokens_per_s, off.decode_tokens_per_s_spread),
+                  f"03: {variant} against fp32, {int(on.prompt_tokens)}-token prompt, SDPA attention")
+
+
+def _prompt_caching(d: Path, prefix_tokens: int) -> Effect | None:
+    runs = _read(d, "04_prompt_caching")
+    if runs is None:
+        return None
+    runs = _nearest(runs, "prefix_tokens", prefix_tokens)
+    warm = runs[runs.engine == "warm (hit)"].time_to_first_token_s
+    cold = runs[runs.engine == "no prefix cache"].time_to_first_token_s
+    return Effect("prompt_caching", "time to first token", warm.median() / cold.median(), warm.min() / cold.max(),
+                  warm.max() / cold.min(), f"04: {int(runs.prefix_tokens.iloc[0])}-token shared prefix, "
+                  f"{len(warm)} repeats (band: their extremes)")
+
+
+def _flash_attention(d: Path, context_tokens: int) -> Effect | None:
+    model = _read(d, "05_flash_attention_model")
+    if model is None:
+        return None
+    rows = _nearest(model, "context_tokens", context_tokens).set_index("backend")
+    on, off = rows.loc["sdpa"], rows.loc["naive"]
+    return Effect("flash_attention", "decode tokens/s", *ratio_band(on.decode_tokens_per_s, on.decode_tokens_per_s_spread,
+                                                                  off.decode_tokens_per_s, off.decode_tokens_per_s_spread),
+                  f"05: {int(on.context_tokens)}-token context, {int(on.repeats)} repeat(s)")
+
+
+def _speculative(d: Path, k: int) -> Effect | None:
+    runs = _read(d, "06_speculative_decoding")
+    if runs is None:
+        return None
+    runs = runs[runs.workload == "repeat"]
+    lookup = _nearest(runs[runs.drafter == "prompt_lookup"], "k", k).iloc[0]
+    plain = runs[runs.drafter.str.startswith("plain")].iloc[0]
+    return Effect("speculative_decoding", "decode tokens/s",
+                  *ratio_band(lookup.decode_tokens_per_s, lookup.decode_tokens_per_s_spread,
+                              plain.decode_tokens_per_s, plain.decode_tokens_per_s_spread),
+                  f"06: prompt lookup k={int(lookup.k)} on the 'repeat' workload, {int(lookup.prompt_tokens)}-token prompt")
+
+
+def _batching(d: Path, concurrency: int) -> Effect | None:
+    runs = _read(d, "02_batching")
+    if runs is None:
+        return None
+    burst = runs[runs.workload == "burst"]
+    on = _nearest(burst[burst.scheduler == "continuous"], "max_batch", concurrency).iloc[0]
+    off = burst[burst.scheduler == "sequential"].iloc[0]
+    return Effect("batching", "throughput (tokens/s)", *ratio_band(on.tokens_per_s, on.tokens_per_s_spread,
+                                                                 off.tokens_per_s, off.tokens_per_s_spread),
+                  f"02: continuous at {int(on.max_batch)} concurrent against sequential, burst workload")
+
+
+def notebook_effects(prompt_tokens: int, prefix_tokens: int, quantization_variant: str, k: int, concurrency: int,
+                     directory: Path | None = None) -> dict[str, Effect | None]:
+    """Each optimization's effect as its own notebook measured it (None: that notebook's results are missing)."""
+    d = Path(directory) if directory else harness.results_dir()
+    return {"kv_cache": _kv_cache(d, prompt_tokens), "quantization": _quantization(d, quantization_variant),
+            "prompt_caching": _prompt_caching(d, prefix_tokens), "flash_attention": _flash_attention(d, prompt_tokens),
+            "speculative_decoding": _speculative(d, k), "batching": _batching(d, concurrency)}
+
+
+METRIC_COLUMNS = {"decode tokens/s": "decode_tokens_per_s", "time to first token": "time_to_first_token_s"}
+
+
+def combined_effects(run: pd.DataFrame, order: list[str], labels: dict[str, str], effects: dict[str, Effect | None],
+                     batching: tuple[float, float, float] | None = None) -> pd.DataFrame:
+    """One row per optimization: the combined run's step ratio on the notebook's metric beside the notebook's
+    ratio and band, and the verdict. `order`: optimizations in the order they were stacked; `labels`:
+    optimization -> configuration name of the stack that adds it; `batching`: the combined run's own
+    (ratio, low, high) for continuous / sequential."""
+    table = run.set_index("configuration")
+    rows, previous = [], "baseline"
+    for name in order:
+        current = labels[name]
+        effect = effects.get(name)
+        row = {"optimization": name}
+        if effect is not None:
+            column = METRIC_COLUMNS[effect.metric]
+            on, off = table.loc[current], table.loc[previous]
+            ratio, low, high = ratio_band(on[column], on[f"{column}_spread"], off[column], off[f"{column}_spread"])
+            row.update(_compare(effect, ratio, low, high, f"07: step adding it to '{previous}'"))
+        else:
+            row.update(verdict="not compared: its notebook has no results in this results directory")
+        rows.append(row)
+        previous = current
+    if "batching" in effects:
+        effect = effects["batching"]
+        if effect is not None and batching is not None:
+            rows.append({"optimization": "batching", **_compare(effect, *batching, "07: on the stacked model")})
+        else:
+            rows.append({"optimization": "batching", "verdict": "not compared: no results"})
+    return pd.DataFrame(rows)
+
+
+def _compare(effect: Effect, ratio: float, low: float, high: float, condition: str) -> dict:
+    inside = effect.low <= ratio <= effect.high
+    return {"metric": f"{effect.metric} with / without", "combined_ratio": ratio, "combined_low": low,
+            "combined_high": high, "notebook_ratio": effect.ratio, "notebook_low": effect.low,
+            "notebook_high": effect.high, "combined / notebook": ratio / effect.ratio,
+            "within_notebook_spread": inside,
+            "verdict": "reproduced (within the notebook's spread)" if inside else
+            f"not reproduced: {ratio:.2f}x against {effect.low:.2f}-{effect.high:.2f}x",
+            "notebook_condition": effect.condition, "combined_condition": condition}
