@@ -155,7 +155,12 @@ def combined_effects(run: pd.DataFrame, order: list[str], labels: dict[str, str]
             rows.append({"optimization": "batching", **_compare(effect, *batching, "07: on the stacked model")})
         else:
             rows.append({"optimization": "batching", "verdict": "not compared: no results"})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+COLUMNS = ["optimization", "metric", "combined_ratio", "combined_low", "combined_high", "notebook_ratio",
+           "notebook_low", "notebook_high", "combined / notebook", "within_notebook_spread", "verdict",
+           "notebook_condition", "combined_condition"]
 
 
 def _compare(effect: Effect, ratio: float, low: float, high: float, condition: str) -> dict:

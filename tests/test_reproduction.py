@@ -49,3 +49,12 @@ def test_combined_effects_compare_each_step_with_the_notebook_band(tmp_path):
     assert not table.loc["quantization", "within_notebook_spread"]  # band 1.38-1.63
     assert "not reproduced" in table.loc["quantization", "verdict"]
     assert not table.loc["batching", "within_notebook_spread"]  # 2.0 against 2.9-3.1
+
+
+def test_without_notebook_results_every_row_says_so(tmp_path):
+    effects = reproduction.notebook_effects(300, 250, "INT8 RTN (per channel)", 8, 8, tmp_path)
+    run = pd.DataFrame({"configuration": ["baseline", "kv_cache"], "decode_tokens_per_s": [2.0, 12.0],
+                        "decode_tokens_per_s_spread": [0.0, 0.0]})
+    table = reproduction.combined_effects(run, ["kv_cache"], {"kv_cache": "kv_cache"}, effects, (2.0, 2.0, 2.0))
+    assert list(table.columns) == reproduction.COLUMNS and table.combined_ratio.isna().all()
+    assert table.verdict.str.startswith("not compared").all()
