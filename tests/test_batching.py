@@ -247,3 +247,18 @@ def test_continuous_joint_prefill_with_requests_done_at_their_first_token(tiny):
     result = batching.run("continuous", tiny, requests, max_batch=6, eos_token_ids=[])
     assert result.tokens == expected
     assert sum(len(t) == 1 for t in result.tokens.values()) >= 3
+
+
+@pytest.mark.parametrize("scheduler", batching.SCHEDULERS)
+def test_schedulers_keep_the_tokens_on_our_cpu_kernels(tiny, mixed, scheduler):
+    """The same check with the linear layers on llmopt's GEMV kernels (batch-invariant by construction)."""
+    import copy
+
+    from llmopt import cpu_kernels
+
+    if not cpu_kernels.available():
+        pytest.skip(f"llmopt CPU kernels unavailable: {cpu_kernels.unavailable_reason()}")
+    wl, eos, expected = mixed
+    model = cpu_kernels.use_gemv(copy.deepcopy(tiny))
+    result = batching.run(scheduler, model, wl.requests, max_batch=4, timeout_ms=5, eos_token_ids=eos)
+    assert result.tokens == reference_tokens(model, wl.requests, eos)

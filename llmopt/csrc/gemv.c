@@ -28,50 +28,58 @@ static inline float bf16_to_f32(uint16_t h) {
 
 #define ROWS 4
 
-void gemv_f32(const float *x, const float *w, float *y, int M, int N, int K) {
-    #pragma omp parallel for schedule(static)
-    for (int n = 0; n < N; n += ROWS) {
-        int rows = N - n < ROWS ? N - n : ROWS;
-        const float *w0 = w + (int64_t)n * K;
-        for (int m = 0; m < M; m++) {
-            const float *xm = x + (int64_t)m * K;
-            for (int r = 0; r < rows; r++) {
-                const float *wr = w0 + (int64_t)r * K;
-                __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-                int k = 0;
-                for (; k + 16 <= K; k += 16) {
-                    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(xm + k), _mm256_loadu_ps(wr + k), a0);
-                    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(xm + k + 8), _mm256_loadu_ps(wr + k + 8), a1);
-                }
-                float s = hsum(_mm256_add_ps(a0, a1));
-                for (; k < K; k++) s += xm[k] * wr[k];
-                y[(int64_t)m * N + n + r] = s;
-            }
-        }
-    }
+/* Dense weights. Every output is one accumulator over k in steps of 8, its horizontal sum, then the scalar
+   tail: the same operations in the same order on every path, so a row's result does not depend on M. Rows of
+   W go in blocks of 4 and rows of x in pairs, so a k step loads 4 weight vectors and 2 activation vectors for 8
+   FMAs (few-row batches cost little more than one row). */
+#define DENSE_GEMV(NAME, WTYPE, LOAD_W, TO_F32)                                                            \
+void NAME(const float *x, const WTYPE *w, float *y, int M, int N, int K) {                                 \
+    const int K8 = K - K % 8;                                                                              \
+    _Pragma("omp parallel for schedule(static)")                                                           \
+    for (int n = 0; n < N; n += ROWS) {                                                                    \
+        const int rows = N - n < ROWS ? N - n : ROWS;                                                      \
+        const WTYPE *wr[ROWS];                                                                             \
+        for (int r = 0; r < ROWS; r++) wr[r] = w + (int64_t)(n + (r < rows ? r : 0)) * K;                  \
+        int m = 0;                                                                                         \
+        for (; m + 2 <= M; m += 2) {                                                                       \
+            const float *xa = x + (int64_t)m * K, *xb = xa + K;                                            \
+            __m256 acc[ROWS][2];                                                                           \
+            for (int r = 0; r < ROWS; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();                    \
+            for (int k = 0; k < K8; k += 8) {                                                              \
+                __m256 va = _mm256_loadu_ps(xa + k), vb = _mm256_loadu_ps(xb + k);                         \
+                for (int r = 0; r < ROWS; r++) {                                                           \
+                    __m256 wv = LOAD_W(wr[r] + k);                                                         \
+                    _mm_prefetch((const char *)(wr[r] + (int64_t)ROWS * K + k), _MM_HINT_T0);             \
+                    acc[r][0] = _mm256_fmadd_ps(va, wv, acc[r][0]);                                        \
+                    acc[r][1] = _mm256_fmadd_ps(vb, wv, acc[r][1]);                                        \
+                }                                                                                          \
+            }                                                                                              \
+            for (int r = 0; r < rows; r++) {                                                               \
+                float sa = hsum(acc[r][0]), sb = hsum(acc[r][1]);                                          \
+                for (int k = K8; k < K; k++) sa += xa[k] * TO_F32(wr[r][k]);                               \
+                for (int k = K8; k < K; k++) sb += xb[k] * TO_F32(wr[r][k]);                               \
+                y[(int64_t)m * N + n + r] = sa;                                                            \
+                y[(int64_t)(m + 1) * N + n + r] = sb;                                                      \
+            }                                                                                              \
+        }                                                                                                  \
+        if (m < M) { /* one row of x: W row by row, a sequential stream for the prefetcher */              \
+            const float *xa = x + (int64_t)m * K;                                                          \
+            for (int r = 0; r < rows; r++) {                                                               \
+                __m256 acc = _mm256_setzero_ps();                                                          \
+                for (int k = 0; k < K8; k += 8)                                                            \
+                    acc = _mm256_fmadd_ps(_mm256_loadu_ps(xa + k), LOAD_W(wr[r] + k), acc);                \
+                float sa = hsum(acc);                                                                      \
+                for (int k = K8; k < K; k++) sa += xa[k] * TO_F32(wr[r][k]);                               \
+                y[(int64_t)m * N + n + r] = sa;                                                            \
+            }                                                                                              \
+        }                                                                                                  \
+    }                                                                                                      \
 }
 
-void gemv_bf16(const float *x, const uint16_t *w, float *y, int M, int N, int K) {
-    #pragma omp parallel for schedule(static)
-    for (int n = 0; n < N; n += ROWS) {
-        int rows = N - n < ROWS ? N - n : ROWS;
-        for (int m = 0; m < M; m++) {
-            const float *xm = x + (int64_t)m * K;
-            for (int r = 0; r < rows; r++) {
-                const uint16_t *wr = w + (int64_t)(n + r) * K;
-                __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-                int k = 0;
-                for (; k + 16 <= K; k += 16) {
-                    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(xm + k), load_bf16(wr + k), a0);
-                    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(xm + k + 8), load_bf16(wr + k + 8), a1);
-                }
-                float s = hsum(_mm256_add_ps(a0, a1));
-                for (; k < K; k++) s += xm[k] * bf16_to_f32(wr[k]);
-                y[(int64_t)m * N + n + r] = s;
-            }
-        }
-    }
-}
+static inline float f32_to_f32(float v) { return v; }
+
+DENSE_GEMV(gemv_f32, float, _mm256_loadu_ps, f32_to_f32)
+DENSE_GEMV(gemv_bf16, uint16_t, load_bf16, bf16_to_f32)
 
 /* int8 codes, group-wise scales (G = K: one per row): W[n, k] = code * scale[n, k / G]. G is a multiple of 16. */
 void gemv_q8(const float *x, const int8_t *w, const float *scales, float *y, int M, int N, int K, int G) {
