@@ -16,7 +16,8 @@ Which kernel runs (said plainly, since that decides the speed):
   only int8 kernel takes one scale per output channel, so without ours Q8_0 layers are dequantized once to bf16
   and run as dense bf16 matmuls (Q8_0's accuracy, bf16's speed).
 
-The default model's GGUF stores the linear layers as Q4_1 and the (tied) embedding as Q8_0; llama.cpp converts
+The default model's GGUF stores the linear layers as Q4_1 and the (tied) embedding as Q8_0, which also serves as
+the output matrix (the file has none), so the lm_head is read as those Q8_0 blocks; llama.cpp converts
 Llama checkpoints with the rows of attn_q / attn_k permuted for its RoPE layout, which we undo as transformers does.
 Q8_0 / Q4_0 versions are made with the `gguf` package's reference quantizers (`gguf.quants.quantize`).
 """
@@ -76,17 +77,23 @@ def read_gguf_linears(path: str | Path, num_heads: int, num_kv_heads: int,
 
     reader = gguf.GGUFReader(str(path))
     weights, kinds = {}, {}
+    names = {t.name for t in reader.tensors}
     for tensor in reader.tensors:
         kinds[tensor.name] = tensor.tensor_type.name
         parts = tensor.name.split(".")
-        if parts[0] != "blk" or parts[2] not in GGUF_NAMES or tensor.tensor_type.name not in BLOCK_BYTES:
+        if tensor.tensor_type.name not in BLOCK_BYTES:
             continue
-        name = f"layers.{parts[1]}.{GGUF_NAMES[parts[2]]}"
+        if tensor.name == "output.weight" or (tensor.name == "token_embd.weight" and "output.weight" not in names):
+            name = "lm_head"  # a file without an output matrix multiplies by its embedding, as llama.cpp does
+        elif parts[0] == "blk" and parts[2] in GGUF_NAMES:
+            name = f"layers.{parts[1]}.{GGUF_NAMES[parts[2]]}"
+        else:
+            continue
         if only is not None and name not in only:
             continue
         cols, rows = (int(n) for n in tensor.shape[:2])  # GGUF lists the fastest-varying dimension first
         q = decode_blocks(tensor.data, tensor.tensor_type.name, rows, cols)
-        if parts[2] in ("attn_q", "attn_k"):
+        if name != "lm_head" and parts[2] in ("attn_q", "attn_k"):
             q = permute_rows(q, reverse_rope_permutation(rows, num_heads if parts[2] == "attn_q" else num_kv_heads))
         weights[name] = q
     return weights, kinds

@@ -88,8 +88,8 @@ def gguf(base: nn.Module, name: str, kind: str, gguf_path: str | Path | None = N
         weights, kernels = gguf_formats.quantize_model_gguf(model, kind, include_lm_head)
     seconds = time.perf_counter() - start
     names = set(kernels.values())
-    if gguf_path is not None and model.lm_head.weight is model.embed_tokens.weight:
-        names.add(f"lm_head: {dense_kernel(model)} (tied to the Q8_0 embedding)")
+    if gguf_path is not None and "lm_head" not in weights:
+        names.add(f"lm_head: {dense_kernel(model)} (the model's own, not in the file as blocks)")
     variant = Variant(name, "gguf", model, ", ".join(sorted(names)), 8 if kind == "Q8_0" else 4, 32, seconds, weights)
     if gguf_path is not None:
         variant.file_bytes, variant.file_note = Path(gguf_path).stat().st_size, "the GGUF file itself"

@@ -214,13 +214,15 @@ def test_gguf_model_quantization_runs_each_format(kernels):
 
 
 def test_default_gguf_blocks_are_the_default_checkpoint(default_model):
-    """The Q4_1 blocks of the shipped GGUF, un-permuted, are exactly the weights our checkpoint holds."""
+    """The Q4_1 blocks of the shipped GGUF, un-permuted, are exactly the weights our checkpoint holds; its Q8_0
+    embedding (the file has no output matrix) is read as the lm_head's blocks."""
     from llmopt.loading import default_gguf_path
 
     cfg = default_model.model.config
-    names = {"layers.0.self_attn.q_proj", "layers.0.self_attn.k_proj", "layers.29.mlp.down_proj"}
+    names = {"layers.0.self_attn.q_proj", "layers.0.self_attn.k_proj", "layers.29.mlp.down_proj", "lm_head"}
     weights, kinds = gguf_formats.read_gguf_linears(default_gguf_path(), cfg.num_heads, cfg.num_kv_heads, only=names)
     assert sum(kind == "Q4_1" for kind in kinds.values()) == 7 * cfg.num_layers
+    assert weights["lm_head"].bits == 8 and weights["lm_head"].group_size == 32
     for name in names:
         dense = default_model.model.get_submodule(name).weight.detach()
         assert torch.allclose(weights[name].dequantize(), dense, atol=1e-6)
