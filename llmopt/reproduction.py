@@ -36,6 +36,11 @@ def ratio_band(a: float, spread_a: float, b: float, spread_b: float) -> tuple[fl
     return a / b, low, high
 
 
+def _rows_ratio(on: pd.Series, off: pd.Series, column: str) -> tuple[float, float, float]:
+    """ratio_band of one column (and its `_spread` column) between two result rows."""
+    return ratio_band(on[column], on[f"{column}_spread"], off[column], off[f"{column}_spread"])
+
+
 def _nearest(frame: pd.DataFrame, column: str, value: float) -> pd.DataFrame:
     target = frame[column].iloc[(frame[column] - value).abs().argsort().iloc[0]]
     return frame[frame[column] == target]
@@ -52,8 +57,7 @@ def _kv_cache(d: Path, prompt_tokens: int) -> Effect | None:
         return None
     rows = _nearest(sweep, "prompt_tokens", prompt_tokens).set_index("engine")
     on, off = rows.loc["static cache"], rows.loc["no cache"]
-    return Effect("kv_cache", "decode tokens/s", *ratio_band(on.decode_tokens_per_s, on.decode_tokens_per_s_spread,
-                                                           off.decode_tokens_per_s, off.decode_tokens_per_s_spread),
+    return Effect("kv_cache", "decode tokens/s", *_rows_ratio(on, off, "decode_tokens_per_s"),
                   f"01: {int(on.prompt_tokens)}-token prompt, {int(on.new_tokens)} new tokens, SDPA attention")
 
 
@@ -63,8 +67,7 @@ def _quantization(d: Path, variant: str) -> Effect | None:
         return None
     rows = table.set_index("variant")
     on, off = rows.loc[variant], rows.loc["fp32"]
-    return Effect("quantization", "decode tokens/s", *ratio_band(on.decode_tokens_per_s, on.decode_tokens_per_s_spread,
-                                                               off.decode_tokens_per_s, off.decode_tokens_per_s_spread),
+    return Effect("quantization", "decode tokens/s", *_rows_ratio(on, off, "decode_tokens_per_s"),
                   f"03: {variant} against fp32, {int(on.prompt_tokens)}-token prompt, SDPA attention")
 
 
@@ -86,8 +89,7 @@ def _flash_attention(d: Path, context_tokens: int) -> Effect | None:
         return None
     rows = _nearest(model, "context_tokens", context_tokens).set_index("backend")
     on, off = rows.loc["sdpa"], rows.loc["naive"]
-    return Effect("flash_attention", "decode tokens/s", *ratio_band(on.decode_tokens_per_s, on.decode_tokens_per_s_spread,
-                                                                  off.decode_tokens_per_s, off.decode_tokens_per_s_spread),
+    return Effect("flash_attention", "decode tokens/s", *_rows_ratio(on, off, "decode_tokens_per_s"),
                   f"05: {int(on.context_tokens)}-token context, {int(on.repeats)} repeat(s)")
 
 
@@ -98,9 +100,7 @@ def _speculative(d: Path, k: int) -> Effect | None:
     runs = runs[runs.workload == "repeat"]
     lookup = _nearest(runs[runs.drafter == "prompt_lookup"], "k", k).iloc[0]
     plain = runs[runs.drafter.str.startswith("plain")].iloc[0]
-    return Effect("speculative_decoding", "decode tokens/s",
-                  *ratio_band(lookup.decode_tokens_per_s, lookup.decode_tokens_per_s_spread,
-                              plain.decode_tokens_per_s, plain.decode_tokens_per_s_spread),
+    return Effect("speculative_decoding", "decode tokens/s", *_rows_ratio(lookup, plain, "decode_tokens_per_s"),
                   f"06: prompt lookup k={int(lookup.k)} on the 'repeat' workload, {int(lookup.prompt_tokens)}-token prompt")
 
 
@@ -111,8 +111,7 @@ def _batching(d: Path, concurrency: int) -> Effect | None:
     burst = runs[runs.workload == "burst"]
     on = _nearest(burst[burst.scheduler == "continuous"], "max_batch", concurrency).iloc[0]
     off = burst[burst.scheduler == "sequential"].iloc[0]
-    return Effect("batching", "throughput (tokens/s)", *ratio_band(on.tokens_per_s, on.tokens_per_s_spread,
-                                                                 off.tokens_per_s, off.tokens_per_s_spread),
+    return Effect("batching", "throughput (tokens/s)", *_rows_ratio(on, off, "tokens_per_s"),
                   f"02: continuous at {int(on.max_batch)} concurrent against sequential, burst workload")
 
 
@@ -142,8 +141,7 @@ def combined_effects(run: pd.DataFrame, order: list[str], labels: dict[str, str]
         row = {"optimization": name}
         if effect is not None:
             column = METRIC_COLUMNS[effect.metric]
-            on, off = table.loc[current], table.loc[previous]
-            ratio, low, high = ratio_band(on[column], on[f"{column}_spread"], off[column], off[f"{column}_spread"])
+            ratio, low, high = _rows_ratio(table.loc[current], table.loc[previous], column)
             row.update(_compare(effect, ratio, low, high, f"07: step adding it to '{previous}'"))
         else:
             row.update(verdict="not compared: its notebook has no results in this results directory")
