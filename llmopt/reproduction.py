@@ -5,7 +5,7 @@ notebook's results of the latest run (`data/results/`), at the condition closest
 the band its repeats span: for medians a, b with spreads (range, or IQR from 4 repeats) sa, sb the band is
 [(a - sa/2) / (b + sb/2), (a + sa/2) / (b - sb/2)]. The combined notebook's ratio is the step that adds the
 optimization in the document's order (or, for batching, its own batching run); it is "within" when it falls
-inside the band. The conditions differ (prompt lengths, k, what is already stacked), and each row says how.
+inside the band (the issue's test), and the two bands "overlap" when this run's own band meets the notebook's. The conditions differ (prompt lengths, k, what is already stacked), and each row says how.
 """
 from __future__ import annotations
 
@@ -157,7 +157,7 @@ def combined_effects(run: pd.DataFrame, order: list[str], labels: dict[str, str]
 
 
 COLUMNS = ["optimization", "metric", "combined_ratio", "combined_low", "combined_high", "notebook_ratio",
-           "notebook_low", "notebook_high", "combined / notebook", "within_notebook_spread", "verdict",
+           "notebook_low", "notebook_high", "combined / notebook", "within_notebook_spread", "bands_overlap", "verdict",
            "notebook_condition", "combined_condition"]
 
 
@@ -166,7 +166,7 @@ def _compare(effect: Effect, ratio: float, low: float, high: float, condition: s
     return {"metric": f"{effect.metric} with / without", "combined_ratio": ratio, "combined_low": low,
             "combined_high": high, "notebook_ratio": effect.ratio, "notebook_low": effect.low,
             "notebook_high": effect.high, "combined / notebook": ratio / effect.ratio,
-            "within_notebook_spread": inside,
+            "within_notebook_spread": inside, "bands_overlap": low <= effect.high and effect.low <= high,
             "verdict": "reproduced (within the notebook's spread)" if inside else
             f"not reproduced: {ratio:.2f}x against {effect.low:.2f}-{effect.high:.2f}x",
             "notebook_condition": effect.condition, "combined_condition": condition}

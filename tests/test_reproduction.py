@@ -47,6 +47,7 @@ def test_combined_effects_compare_each_step_with_the_notebook_band(tmp_path):
     assert table.loc["kv_cache", "within_notebook_spread"]
     assert table.loc["quantization", "combined_ratio"] == pytest.approx(2.0)
     assert not table.loc["quantization", "within_notebook_spread"]  # band 1.38-1.63
+    assert not table.loc["quantization", "bands_overlap"]  # this run's spreads are 0: its band is the point 2.0
     assert "not reproduced" in table.loc["quantization", "verdict"]
     assert not table.loc["batching", "within_notebook_spread"]  # 2.0 against 2.9-3.1
 
