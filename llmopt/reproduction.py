@@ -51,12 +51,20 @@ def _read(directory: Path, name: str) -> pd.DataFrame | None:
     return pd.read_csv(path) if path.exists() else None
 
 
-def _kv_cache(d: Path, prompt_tokens: int) -> Effect | None:
-    sweep = _read(d, "01_kv_cache_sweep")
-    if sweep is None:
+def _nearest_pair(d: Path, name: str, column: str, value: float, index: str, on: str, off: str):
+    """Rows `on` and `off` (by `index`) of results `name` at the `column` value nearest `value`; None if absent."""
+    frame = _read(d, name)
+    if frame is None:
         return None
-    rows = _nearest(sweep, "prompt_tokens", prompt_tokens).set_index("engine")
-    on, off = rows.loc["static cache"], rows.loc["no cache"]
+    rows = _nearest(frame, column, value).set_index(index)
+    return rows.loc[on], rows.loc[off]
+
+
+def _kv_cache(d: Path, prompt_tokens: int) -> Effect | None:
+    pair = _nearest_pair(d, "01_kv_cache_sweep", "prompt_tokens", prompt_tokens, "engine", "static cache", "no cache")
+    if pair is None:
+        return None
+    on, off = pair
     return Effect("kv_cache", "decode tokens/s", *_rows_ratio(on, off, "decode_tokens_per_s"),
                   f"01: {int(on.prompt_tokens)}-token prompt, {int(on.new_tokens)} new tokens, SDPA attention")
 
@@ -84,11 +92,10 @@ def _prompt_caching(d: Path, prefix_tokens: int) -> Effect | None:
 
 
 def _flash_attention(d: Path, context_tokens: int) -> Effect | None:
-    model = _read(d, "05_flash_attention_model")
-    if model is None:
+    pair = _nearest_pair(d, "05_flash_attention_model", "context_tokens", context_tokens, "backend", "sdpa", "naive")
+    if pair is None:
         return None
-    rows = _nearest(model, "context_tokens", context_tokens).set_index("backend")
-    on, off = rows.loc["sdpa"], rows.loc["naive"]
+    on, off = pair
     return Effect("flash_attention", "decode tokens/s", *_rows_ratio(on, off, "decode_tokens_per_s"),
                   f"05: {int(on.context_tokens)}-token context, {int(on.repeats)} repeat(s)")
 
