@@ -32,21 +32,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .environment import cpu_flags
+
 SOURCE = Path(__file__).parent / "csrc" / "gemv.c"
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
 MAX_ROWS = 16  # activation rows up to which the GEMV kernels run (beyond: PyTorch's GEMM)
 CPU_FEATURES = ("avx2", "fma", "f16c")
 SIGNATURES = {"gemv_f32": "pppiii", "gemv_bf16": "pppiii", "gemv_q8": "ppppiiii", "gemv_q4": "pppppiiii",
               "dequant_q8": "pppiii", "dequant_q4": "ppppiii", "fake_quantize_q8": "ppii"}  # p: pointer, i: int
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    line = next((line for line in text.splitlines() if line.startswith("flags")), "")
-    return set(line.partition(":")[2].split())
 
 
 @lru_cache(maxsize=1)
@@ -56,7 +49,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         return None, "disabled by LLMOPT_CPU_KERNELS=0"
     if platform.machine() not in ("x86_64", "AMD64"):
         return None, f"the kernels are x86 AVX2; this CPU is {platform.machine()}"
-    missing = [f for f in CPU_FEATURES if f not in _cpu_flags()]
+    missing = [f for f in CPU_FEATURES if f not in cpu_flags()]
     if missing:
         return None, f"this CPU lacks {', '.join(missing)}"
     compiler = shutil.which(os.environ.get("CC", "gcc"))
@@ -74,9 +67,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
             if result.returncode:
                 return None, f"gcc failed on csrc/gemv.c: {result.stderr.strip()[:500]}"
             os.replace(built, target)  # atomic: a concurrent build never sees half a file
-    import torch  # noqa: F401  (PyTorch's libgomp is loaded first, so the library binds to that OpenMP)
-
-    lib = ctypes.CDLL(str(target))
+    lib = ctypes.CDLL(str(target))  # torch (imported above) loaded its libgomp first: the library binds to it
     for name, signature in SIGNATURES.items():  # pointers are passed as ints (data_ptr), sizes as C ints
         fn = getattr(lib, name)
         fn.restype = None
@@ -108,6 +99,11 @@ def switched_off():
         _switched_on = before
 
 
+def runs_on(device=None) -> bool:
+    """Whether layers on `device` run on these kernels: a CPU device, where the library built."""
+    return torch.device(device or "cpu").type == "cpu" and available()
+
+
 def _call(name: str, *args) -> None:
     getattr(_load()[0], name)(*[a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args])
 
@@ -118,14 +114,25 @@ def _uses_kernel(x: torch.Tensor, rows: int) -> bool:
             and not torch.compiler.is_compiling())
 
 
+def _fp32_output(x: torch.Tensor, n: int) -> torch.Tensor:
+    """An uninitialized fp32 [..., n] for x [..., K] (a dtype= keyword costs microseconds per call here)."""
+    y = torch.empty(*x.shape[:-1], n)
+    return y if y.dtype == torch.float32 else y.float()
+
+
+def _finish(y: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The kernel's fp32 output in the input's dtype, plus the bias."""
+    if y.dtype != x.dtype:
+        y = y.to(x.dtype)
+    return y if bias is None else y + bias
+
+
 def gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x [..., K] @ weight[N, K]^T for an fp32 or bf16 weight (contiguous) -> fp32 [..., N]."""
     if x.dtype != torch.float32 or not x.is_contiguous():
         x = x.to(torch.float32).contiguous()
     n, k = weight.shape
-    y = torch.empty(*x.shape[:-1], n)  # (a dtype= keyword costs microseconds per call here; checked below)
-    if y.dtype != torch.float32:
-        y = y.float()
+    y = _fp32_output(x, n)
     lib = _load()[0]
     fn = lib.gemv_f32 if weight.dtype == torch.float32 else lib.gemv_bf16
     fn(x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.numel() // k, n, k)
@@ -144,10 +151,7 @@ class GemvLinear(nn.Linear):
                 or not _uses_kernel(x, x.numel() // self.in_features)
                 or (weight.requires_grad and torch.is_grad_enabled())):
             return F.linear(x, weight, self.bias)
-        y = gemv(x, weight)
-        if y.dtype != x.dtype:
-            y = y.to(x.dtype)
-        return y if self.bias is None else y + self.bias
+        return _finish(gemv(x, weight), x, self.bias)
 
 
 def use_gemv(model: nn.Module) -> nn.Module:
@@ -210,9 +214,7 @@ class QuantizedGemvLinear(nn.Module):
             x32 = x32.index_select(-1, self.input_order)
         rows = x32.numel() // k
         if _uses_kernel(x32, rows):
-            y = torch.empty(*x.shape[:-1], n)
-            if y.dtype != torch.float32:
-                y = y.float()
+            y = _fp32_output(x, n)
             lib = _load()[0]
             if self.bits == 8:
                 lib.gemv_q8(x32.data_ptr(), self.weight.data_ptr(), self.scales.data_ptr(), y.data_ptr(),
@@ -222,9 +224,7 @@ class QuantizedGemvLinear(nn.Module):
                             y.data_ptr(), rows, n, k, self.group_size)
         else:  # many rows (prefill): the same activations the int4 kernel uses, then PyTorch's GEMM
             y = F.linear(quantize_activations(x32) if self.bits == 4 else x32, self.dequantize())
-        if y.dtype != x.dtype:
-            y = y.to(x.dtype)
-        return y if self.bias is None else y + self.bias
+        return _finish(y, x, self.bias)
 
 
 def quantize_activations(x: torch.Tensor) -> torch.Tensor:

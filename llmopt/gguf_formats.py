@@ -29,9 +29,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import cpu_kernels
 from .errors import InvalidParameterError
-from .quantization import (QuantizedWeight, apply_quantized, default_activation_dtype, linear_names,
-                           replace_module, uses_our_kernels)
+from .quantization import QuantizedWeight, apply_quantized, default_activation_dtype, linear_names, replace_module
 
 BLOCK = 32
 BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
@@ -122,7 +122,7 @@ def apply_gguf(model: nn.Module, weights: dict[str, QuantizedWeight],
     runs, else dequantized to dense. Returns the kernel each layer runs on."""
     device = next(model.parameters()).device
     activation_dtype = activation_dtype or default_activation_dtype(device)
-    ours = uses_our_kernels(device)
+    ours = cpu_kernels.runs_on(device)
     packed = {name: q for name, q in weights.items() if q.bits == 4 or ours}
     dense = {name: q for name, q in weights.items() if name not in packed}
     kernels = {}

@@ -157,8 +157,9 @@ def load_model(name_or_path: str | None = None, dtype: str | torch.dtype = "fp32
 
     kernels: "auto" runs the linear layers' decode-size products on our CPU GEMV (`llmopt.cpu_kernels`) where it
     builds; "torch" keeps PyTorch's matmul everywhere; "llmopt" insists on ours (an error where it cannot run)."""
-    from . import cpu_kernels
     from transformers import AutoConfig, AutoTokenizer
+
+    from . import cpu_kernels
 
     torch_dtype = resolve_dtype(dtype)
     device = resolve_device(device)
@@ -170,7 +171,7 @@ def load_model(name_or_path: str | None = None, dtype: str | torch.dtype = "fp32
     cfg = ModelConfig.from_hf(hf_config)
     if kernels not in ("auto", "torch", "llmopt"):
         raise InvalidParameterError(f"unknown kernels {kernels!r}; use auto, torch or llmopt")
-    ours = kernels != "torch" and device.type == "cpu" and cpu_kernels.available()
+    ours = kernels != "torch" and cpu_kernels.runs_on(device)
     if kernels == "llmopt" and not ours:
         raise InvalidParameterError(f"kernels='llmopt' cannot run here: "
                                     f"{cpu_kernels.unavailable_reason() or 'they are CPU kernels'}")

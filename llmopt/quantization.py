@@ -231,16 +231,11 @@ def _int8_kernel_runs(device, dtype) -> bool:
         return False
 
 
-def uses_our_kernels(device=None) -> bool:
-    """Whether quantized layers on `device` run on our AVX2 kernels (`llmopt.cpu_kernels`): CPU, where they build."""
-    from . import cpu_kernels
-
-    return torch.device(device or "cpu").type == "cpu" and cpu_kernels.available()
-
-
 def default_activation_dtype(device=None) -> torch.dtype:
     """fp32 on our CPU kernels (they take fp32 activations); bf16 on PyTorch's packed kernels (fast only so)."""
-    return torch.float32 if uses_our_kernels(device) else torch.bfloat16
+    from . import cpu_kernels
+
+    return torch.float32 if cpu_kernels.runs_on(device) else torch.bfloat16
 
 
 def gemv_linear(q: QuantizedWeight, bias=None) -> nn.Module:
@@ -275,7 +270,7 @@ def quantized_linear(q: QuantizedWeight, bias=None, dtype=torch.bfloat16, device
     from . import cpu_kernels
 
     device = device or q.codes.device
-    if uses_our_kernels(device) and not cpu_kernels.quantized_supported(*q.shape, q.group_size, q.bits):
+    if cpu_kernels.runs_on(device) and not cpu_kernels.quantized_supported(*q.shape, q.group_size, q.bits):
         return gemv_linear(q, bias)
     if q.bits == 8:
         return Int8Linear.from_quantized(q, bias, dtype, device)

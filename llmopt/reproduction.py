@@ -5,7 +5,8 @@ notebook's results of the latest run (`data/results/`), at the condition closest
 the band its repeats span: for medians a, b with spreads (range, or IQR from 4 repeats) sa, sb the band is
 [(a - sa/2) / (b + sb/2), (a + sa/2) / (b - sb/2)]. The combined notebook's ratio is the step that adds the
 optimization in the document's order (or, for batching, its own batching run); it is "within" when it falls
-inside the band (the issue's test), and the two bands "overlap" when this run's own band meets the notebook's. The conditions differ (prompt lengths, k, what is already stacked), and each row says how.
+inside the band (the issue's test), and the two bands "overlap" when this run's own band meets the notebook's.
+The conditions differ (prompt lengths, k, what is already stacked), and each row says how.
 """
 from __future__ import annotations
 
@@ -47,8 +48,8 @@ def _nearest(frame: pd.DataFrame, column: str, value: float) -> pd.DataFrame:
 
 
 def _read(directory: Path, name: str) -> pd.DataFrame | None:
-    path = directory / f"{name}.csv"
-    return pd.read_csv(path) if path.exists() else None
+    """A notebook's saved results (`harness.load_results`), None when that notebook has not run."""
+    return harness.load_results(name, directory) if (directory / f"{name}.csv").exists() else None
 
 
 def _nearest_pair(d: Path, name: str, column: str, value: float, index: str, on: str, off: str):
