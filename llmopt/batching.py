@@ -17,8 +17,9 @@ All four schedulers decode greedily with a KV cache and stop each request at EOS
 - `continuous` (iteration-level scheduling, Orca, OSDI'22; vLLM): a `SlotCache` holds `max_batch` sequences,
   each in its own slot with its own length. Before every decode step, queued requests take free slots and their
   prompts are prefilled straight into their slots, as vLLM's original scheduler runs prefills before decodes: a
-  lone joiner alone (batch 1, no padding: exactly what the sequential decoder computes), several joiners in one
-  left-padded batch (the static scheduler's masked prefill; each row's real keys and values go to its slot);
+  lone joiner alone (batch 1, no padding: exactly what the sequential decoder computes), several joiners packed
+  end to end in one row with a block-diagonal causal mask (vLLM's varlen prefill: no padding, one large matrix
+  product instead of several small ones; each prompt's keys and values go to its slot);
   chunked prefill (Sarathi-Serve, vLLM V1) would bound the stall a long prompt causes the others, but prompts
   here are short. Every decode step then runs all active sequences, one token each, each at its own position
   with a mask built from its own length; a finished sequence leaves the batch at once (the last slot is moved
@@ -247,23 +248,23 @@ class _SlotPrefill:
         return self.slots.keys[layer_idx][s:s + 1, :, :n], self.slots.values[layer_idx][s:s + 1, :, :n]
 
 
-class _SlotBatchPrefill:
-    """A cache view for a left-padded batch prefill of joiners: row i's real keys/values go to slot
-    `first + i` (pads dropped); attention inside the prefill uses the padded batch itself (with its mask)."""
+class _SlotPackedPrefill:
+    """A cache view for joiners' prompts packed end to end in one row (no padding: vLLM's varlen prefill):
+    segment i's keys and values go to slot `first + i`; attention inside the prefill runs over the packed row
+    itself with a block-diagonal causal mask, so no prompt sees another."""
 
-    def __init__(self, slots: SlotCache, first: int, pads: list[int]):
-        self.slots, self.first, self.pads = slots, first, pads
+    def __init__(self, slots: SlotCache, first: int, lengths: list[int]):
+        self.slots, self.first, self.lengths = slots, first, lengths
 
     def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor):
-        longest = k.shape[2]
-        if longest > self.slots.max_length:
-            raise ContextLengthError(f"prompt of {longest} tokens does not fit a slot of {self.slots.max_length}")
-        for i, pad in enumerate(self.pads):
-            slot, n = self.first + i, longest - pad
-            self.slots.keys[layer_idx][slot, :, :n] = k[i, :, pad:]
-            self.slots.values[layer_idx][slot, :, :n] = v[i, :, pad:]
+        start = 0
+        for i, n in enumerate(self.lengths):
+            slot = self.first + i
+            self.slots.keys[layer_idx][slot, :, :n] = k[0, :, start:start + n]
+            self.slots.values[layer_idx][slot, :, :n] = v[0, :, start:start + n]
             if layer_idx == len(self.slots.keys) - 1:
                 self.slots.lengths[slot] = n
+            start += n
         return k, v
 
 
@@ -360,6 +361,18 @@ def padded_batch_inputs(prompts: Sequence[Sequence[int]], pad_token_id: int = 0,
     return tokens, positions, mask[:, None], pads
 
 
+def packed_inputs(prompts: Sequence[Sequence[int]], device="cpu"):
+    """Prompts end to end in one row: tokens [1, N], positions [1, N] (each prompt from 0), a block-diagonal causal
+    mask [1, 1, N, N] (a token sees the earlier tokens of its own prompt) and the index of each prompt's last token."""
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    tokens = torch.tensor([[t for p in prompts for t in p]], device=device)
+    segment = torch.repeat_interleave(torch.arange(len(prompts), device=device), lengths)
+    starts = torch.cumsum(lengths, 0) - lengths
+    positions = torch.arange(tokens.shape[1], device=device) - starts[segment]
+    mask = (segment[:, None] == segment[None, :]) & causal_mask(tokens.shape[1], tokens.shape[1], device)
+    return tokens, positions[None], mask[None, None], torch.cumsum(lengths, 0) - 1
+
+
 def _run_padded_batch(run: _Run, batch: list[Request], pad_token_id: int) -> None:
     """Prefill a left-padded batch, then decode every row until the longest request is done."""
     model, device = run.model, run.device
@@ -424,21 +437,24 @@ def _dynamic(run: _Run, pad_token_id: int) -> None:
             run.sleep_until(min(deadline, run.next_arrival_s))
 
 
-def _prefill_joiners(model, slots: SlotCache, first_slot: int, joiners: list[Request], positions: torch.Tensor,
-                     pad_token_id: int) -> list[int]:
+def _prefill_joiners(model, slots: SlotCache, first_slot: int, joiners: list[Request],
+                     positions: torch.Tensor) -> list[int]:
     """Prefill joining prompts into slots first_slot, first_slot + 1, ...; their first (greedy) tokens."""
     if len(joiners) == 1:
         prompt = torch.tensor([joiners[0].prompt_ids], device=slots.device)
         logits = model(prompt, positions[:prompt.shape[1]], slots.prefill_view(first_slot), last_only=True)
         return [int(logits[0, -1].argmax())]
-    tokens, row_positions, mask, pads = padded_batch_inputs([r.prompt_ids for r in joiners], pad_token_id,
-                                                             slots.device)
-    view = _SlotBatchPrefill(slots, first_slot, pads.tolist())
-    logits = model(tokens, row_positions, view, mask, last_only=True)
-    return logits[:, -1].argmax(dim=-1).tolist()
+    prompts = [r.prompt_ids for r in joiners]
+    if max(map(len, prompts)) > slots.max_length:
+        raise ContextLengthError(f"a prompt of {max(map(len, prompts))} tokens does not fit a slot of "
+                                 f"{slots.max_length}")
+    tokens, row_positions, mask, ends = packed_inputs(prompts, slots.device)
+    view = _SlotPackedPrefill(slots, first_slot, [len(p) for p in prompts])
+    logits = model(tokens, row_positions, view, mask, logits_at=ends)
+    return logits[0].argmax(dim=-1).tolist()
 
 
-def _continuous(run: _Run, max_length: int, pad_token_id: int = 0) -> None:
+def _continuous(run: _Run, max_length: int) -> None:
     model, device = run.model, run.device
     slots = SlotCache(model.config, run.max_batch, max_length, run.dtype, device)
     positions = torch.arange(max_length, device=device)
@@ -451,7 +467,7 @@ def _continuous(run: _Run, max_length: int, pad_token_id: int = 0) -> None:
                 joiners = [run.waiting.popleft() for _ in range(min(len(run.waiting), run.max_batch - len(active)))]
                 first_slot = len(active)
                 start = run.now()
-                first_tokens = _prefill_joiners(model, slots, first_slot, joiners, positions, pad_token_id)
+                first_tokens = _prefill_joiners(model, slots, first_slot, joiners, positions)
                 t = run.now()
                 for i, (request, token_id) in enumerate(zip(joiners, first_tokens)):
                     record = run.records[request.request_id]
@@ -527,7 +543,7 @@ def run(scheduler: str, model, requests: Sequence[Request], max_batch: int = 8, 
         elif scheduler == "dynamic":
             _dynamic(state, pad_token_id)
         else:
-            _continuous(state, max(len(r.prompt_ids) + r.max_new_tokens for r in requests), pad_token_id)
+            _continuous(state, max(len(r.prompt_ids) + r.max_new_tokens for r in requests))
         synchronize(state.device)
         wall_s = state.now()
     records = sorted(state.records.values(), key=lambda r: r.request_id)

@@ -63,11 +63,22 @@ def summarize(frame: pd.DataFrame) -> pd.DataFrame:
     summary["tokens_per_s_spread"] = grouped["tokens_per_s"].agg(spread)
     summary["repeats"] = grouped.size()
     summary["contended"] = grouped["contended"].any()
+    paired = paired_ratios(frame).groupby(keys, sort=False)
+    summary["throughput_ratio_low"], summary["throughput_ratio_high"] = paired.min(), paired.max()
     summary = summary.reset_index()
     baseline = summary[summary.scheduler == "sequential"].set_index("workload")
     summary["throughput_vs_sequential"] = summary.tokens_per_s / summary.workload.map(baseline.tokens_per_s)
     summary["latency_p50_vs_sequential"] = summary.latency_p50_s / summary.workload.map(baseline.latency_p50_s)
     return summary
+
+
+def paired_ratios(frame: pd.DataFrame) -> pd.Series:
+    """Each run's throughput over the sequential run of the same workload and repeat (runs of one repeat are
+    interleaved, so this pairs measurements taken minutes apart at most), indexed like `frame`."""
+    sequential = frame[frame.scheduler == "sequential"].set_index(["workload", "repeat"]).tokens_per_s
+    baseline = [sequential.get((w, r), math.nan) for w, r in zip(frame.workload, frame.repeat)]
+    return pd.Series(frame.tokens_per_s.to_numpy() / baseline, index=pd.MultiIndex.from_frame(
+        frame[["workload", "scheduler", "max_batch"]]), name="throughput_vs_sequential")
 
 
 def by_concurrency(summary: pd.DataFrame, concurrencies: Sequence[int],

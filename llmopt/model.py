@@ -180,12 +180,14 @@ class Transformer(nn.Module):
         return cos.to(dtype), sin.to(dtype)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache=None, mask=None,
-                last_only: bool = False) -> torch.Tensor:
+                last_only: bool = False, logits_at: torch.Tensor | None = None) -> torch.Tensor:
         """Logits for `tokens` [B, T] at `positions` ([T] shared or [B, T] per row).
 
         cache: a KV cache (`llmopt.kv_cache`) or None (every call sees the whole sequence).
         mask: None for causal attention aligned to the newest key, or a bool [B, 1, T, S] (True = attend).
         last_only: project only the last position to the vocabulary (what generation needs).
+        logits_at: project only these indices along T ([N]; several prompts packed in one row end at several
+        places), giving [B, N, V].
         """
         x = self.embed_tokens(tokens)
         cos, sin = self.rope(positions, x.dtype)
@@ -193,6 +195,8 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, cache, mask, self._attend)
         if last_only:
             x = x[:, -1:]
+        elif logits_at is not None:
+            x = x[:, logits_at]
         return self.lm_head(self.norm(x))
 
     @property

@@ -69,9 +69,9 @@ def test_records_and_token_accounting(tiny, mixed):
         assert 0 < stats["busy_fraction"] <= 1
         for r in result.records:
             assert r.arrival_s <= r.start_s <= r.first_token_s <= r.last_token_s <= r.finish_s, (scheduler, r)
-        if scheduler == "sequential":
+        if scheduler in ("sequential", "continuous"):  # continuous packs its joiners' prompts: no padding either
             assert stats["padded_tokens"] == 0 and stats["computed_tokens"] == useful
-        else:  # mixed prompt lengths (and, static/dynamic, answer lengths): padded tokens are computed and counted
+        else:  # mixed prompt and answer lengths: padded tokens are computed and counted
             assert stats["padded_tokens"] > 0 and stats["computed_tokens"] == useful + stats["padded_tokens"]
         if scheduler == "continuous":
             assert 1 < stats["mean_decode_rows"] <= 4
@@ -237,7 +237,7 @@ def test_transformers_continuous_batching_support_is_checked(monkeypatch):
 
 
 def test_continuous_joint_prefill_with_requests_done_at_their_first_token(tiny):
-    """Several requests join at once (one padded prefill into their slots); some are done after one token, so
+    """Several requests join at once (one packed prefill into their slots); some are done after one token, so
     the later joiners' slots move down to keep the active slots contiguous. Tokens stay the plain decoder's."""
     pool = workload.random_pool(tiny.config.vocab_size, 10, 2, 30, seed=7)
     wl = workload.make_workload(pool, 10, seed=3, min_new_tokens=1, max_new_tokens=9)
@@ -262,3 +262,41 @@ def test_schedulers_keep_the_tokens_on_our_cpu_kernels(tiny, mixed, scheduler):
     model = cpu_kernels.use_gemv(copy.deepcopy(tiny))
     result = batching.run(scheduler, model, wl.requests, max_batch=4, timeout_ms=5, eos_token_ids=eos)
     assert result.tokens == reference_tokens(model, wl.requests, eos)
+
+
+def test_packed_inputs_keep_each_prompt_to_itself():
+    tokens, positions, mask, ends = batching.packed_inputs([[5, 6, 7], [8], [9, 10]])
+    assert tokens.tolist() == [[5, 6, 7, 8, 9, 10]]
+    assert positions.tolist() == [[0, 1, 2, 0, 0, 1]]
+    assert ends.tolist() == [2, 3, 5]
+    expected = torch.zeros(6, 6, dtype=torch.bool)
+    for start, n in ((0, 3), (3, 1), (4, 2)):
+        expected[start:start + n, start:start + n] = torch.ones(n, n, dtype=torch.bool).tril()
+    assert torch.equal(mask[0, 0], expected)
+
+
+def test_packed_prefill_logits_equal_each_prompt_alone(tiny):
+    """Three prompts in one packed row give, at each prompt's end, the logits of that prompt run alone."""
+    prompts = [[3, 4, 5, 6], [7, 8], [9, 10, 11]]
+    tokens, positions, mask, ends = batching.packed_inputs(prompts)
+    slots = batching.SlotCache(tiny.config, 3, 8)
+    with torch.inference_mode():
+        packed = tiny(tokens, positions, batching._SlotPackedPrefill(slots, 0, [4, 2, 3]), mask, logits_at=ends)
+        for i, prompt in enumerate(prompts):
+            alone = tiny(torch.tensor([prompt]), torch.arange(len(prompt)), None, last_only=True)
+            torch.testing.assert_close(packed[0, i], alone[0, -1], rtol=1e-5, atol=1e-5)
+    assert slots.lengths == [4, 2, 3]
+
+
+def test_paired_ratios_pair_each_run_with_the_sequential_run_of_its_repeat():
+    import pandas as pd
+
+    from llmopt import batching_benchmark as bench
+
+    frame = pd.DataFrame({"workload": ["b"] * 4, "scheduler": ["sequential", "continuous"] * 2,
+                          "max_batch": [1, 8] * 2, "repeat": [0, 0, 1, 1], "tokens_per_s": [10.0, 30.0, 5.0, 20.0]})
+    assert bench.paired_ratios(frame).tolist() == [1.0, 3.0, 1.0, 4.0]
+    frame["contended"], frame["latency_p50_s"] = False, 1.0
+    row = bench.summarize(frame).set_index("scheduler").loc["continuous"]
+    assert (row.throughput_ratio_low, row.throughput_ratio_high) == (3.0, 4.0)
+    assert row.throughput_vs_sequential == 25.0 / 7.5  # the ratio of the medians
