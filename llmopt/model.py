@@ -66,9 +66,12 @@ def _yarn_inverse_frequencies(cfg: ModelConfig, inv_freq: torch.Tensor, scaling:
     return interpolated * (1 - extrapolation_weight) + inv_freq * extrapolation_weight, attention_factor
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """RoPE as transformers writes it, x * cos + rotate_half(x) * sin with rotate_half(x) = [-x2, x1] for the
+    halves x1, x2, but with the minus sign moved into the table (signed_sin = [-sin, sin] by halves): the rotation
+    is then one roll instead of two slices, a negation and a concatenation, and the result is bit-identical (a
+    sign flip is exact in either factor)."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * signed_sin
 
 
 class RMSNorm(nn.Module):
@@ -78,6 +81,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:  # one fused op, the same numbers
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
@@ -99,8 +104,7 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
         y = attend(q, k, v, mask)
@@ -143,7 +147,7 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         table_length = cfg.max_position_embeddings if cfg.max_position_embeddings <= ROPE_TABLE_MAX else 0
         self.register_buffer("rope_cos", torch.empty(table_length, cfg.head_dim), persistent=False)
-        self.register_buffer("rope_sin", torch.empty(table_length, cfg.head_dim), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(table_length, cfg.head_dim), persistent=False)  # signed sin
         self.init_rope()
         self.attention_backend = "sdpa"
         self._attend = attention.get_backend(self.attention_backend)
@@ -161,7 +165,8 @@ class Transformer(nn.Module):
         inv_freq = rope_inverse_frequencies(self.config)[0].to(positions.device)  # fp32, as transformers does
         freqs = positions.to(torch.float32)[..., None] * inv_freq
         angles = torch.cat((freqs, freqs), dim=-1)
-        return angles.cos() * self.rope_scale, angles.sin() * self.rope_scale
+        signs = torch.cat((-torch.ones_like(freqs), torch.ones_like(freqs)), dim=-1)
+        return angles.cos() * self.rope_scale, angles.sin() * self.rope_scale * signs
 
     def set_attention(self, name: str) -> "Transformer":
         """Switch the attention backend (naive | tiled | sdpa | flash_attn) for prefill and decode."""
@@ -170,7 +175,8 @@ class Transformer(nn.Module):
         return self
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin for `positions` ([T] or [B, T]), shaped to broadcast over [B, heads, T, head_dim]."""
+        """cos and signed sin (see `apply_rope`) for `positions` ([T] or [B, T]), shaped to broadcast over
+        [B, heads, T, head_dim]."""
         if self.rope_cos.shape[0]:  # precomputed table: a lookup, nothing rebuilt per decode step
             cos, sin = self.rope_cos[positions], self.rope_sin[positions]
         else:  # very long contexts: compute on the fly instead of holding a huge table

@@ -66,6 +66,41 @@ def test_last_only_equals_last_position():
                                    ours(tokens, torch.arange(12))[:, -1])
 
 
+def test_logits_at_equals_those_positions():
+    _, ours = tiny_pair("llama")
+    tokens = torch.randint(0, 96, (2, 12))
+    at = torch.tensor([3, 7, 11])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(tokens, torch.arange(12), logits_at=at), ours(tokens, torch.arange(12))[:, at])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_rope_with_signed_sin_is_transformers_rotate_half_bit_for_bit(dtype):
+    from transformers.models.llama.modeling_llama import rotate_half
+
+    from llmopt.model import apply_rope
+
+    _, ours = tiny_pair("llama")
+    positions = torch.arange(40)
+    x = torch.randn(2, 4, 40, ours.config.head_dim).to(dtype)
+    cos, signed_sin = ours.rope(positions, dtype)
+    half = ours.config.head_dim // 2
+    sin = torch.cat((-signed_sin[..., :half], signed_sin[..., half:]), dim=-1)  # the plain table, exactly
+    angles = positions[:, None].float() * (ours.config.rope_theta ** (-torch.arange(0, 2 * half, 2) / (2 * half)))
+    torch.testing.assert_close(sin.float(), torch.cat((angles, angles), -1).sin(), atol=1e-2, rtol=0)
+    assert torch.equal(apply_rope(x, cos, signed_sin), x * cos + rotate_half(x) * sin)
+
+
+def test_rms_norm_fused_path_is_the_formula_bit_for_bit():
+    from llmopt.model import RMSNorm
+
+    norm = RMSNorm(64, 1e-6)
+    norm.weight.data = torch.randn(64)
+    x = torch.randn(3, 17, 64) * 5
+    x32 = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+    assert torch.equal(norm(x), norm.weight * x32)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_runs_close_to_fp32(dtype):
     hf, ours32 = tiny_pair("llama")

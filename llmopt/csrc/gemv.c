@@ -81,31 +81,43 @@ static inline float f32_to_f32(float v) { return v; }
 DENSE_GEMV(gemv_f32, float, _mm256_loadu_ps, f32_to_f32)
 DENSE_GEMV(gemv_bf16, uint16_t, load_bf16, bf16_to_f32)
 
-/* int8 codes, group-wise scales (G = K: one per row): W[n, k] = code * scale[n, k / G]. G is a multiple of 16. */
+/* int8 codes, group-wise scales (G = K: one per row): W[n, k] = code * scale[n, k / G]. G is a multiple of 16.
+   Per output: two accumulators over each group, their sum times the group's scale into a third; rows of W go in
+   blocks of 4 computed side by side (independent FMA chains, one activation load for 4 rows), each row with the
+   same operations in the same order whatever M and its place in the block (batch invariant). */
 void gemv_q8(const float *x, const int8_t *w, const float *scales, float *y, int M, int N, int K, int G) {
     int groups = K / G;
     #pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n += ROWS) {
-        int rows = N - n < ROWS ? N - n : ROWS;
+        const int rows = N - n < ROWS ? N - n : ROWS;
+        const int8_t *wr[ROWS];
+        const float *sr[ROWS];
+        for (int r = 0; r < ROWS; r++) {  /* a short last block repeats its first row (computed, not stored) */
+            wr[r] = w + (int64_t)(n + (r < rows ? r : 0)) * K;
+            sr[r] = scales + (int64_t)(n + (r < rows ? r : 0)) * groups;
+        }
         for (int m = 0; m < M; m++) {
             const float *xm = x + (int64_t)m * K;
-            for (int r = 0; r < rows; r++) {
-                const int8_t *wr = w + (int64_t)(n + r) * K;
-                const float *sr = scales + (int64_t)(n + r) * groups;
-                __m256 acc = _mm256_setzero_ps();
-                for (int g = 0; g < groups; g++) {
-                    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-                    for (int k = g * G; k < (g + 1) * G; k += 16) {
-                        __m128i q = _mm_loadu_si128((const __m128i *)(wr + k));
+            __m256 acc[ROWS];
+            for (int r = 0; r < ROWS; r++) acc[r] = _mm256_setzero_ps();
+            for (int g = 0; g < groups; g++) {
+                __m256 a0[ROWS], a1[ROWS];
+                for (int r = 0; r < ROWS; r++) a0[r] = a1[r] = _mm256_setzero_ps();
+                for (int k = g * G; k < (g + 1) * G; k += 16) {
+                    __m256 x0 = _mm256_loadu_ps(xm + k), x1 = _mm256_loadu_ps(xm + k + 8);
+                    for (int r = 0; r < ROWS; r++) {
+                        __m128i q = _mm_loadu_si128((const __m128i *)(wr[r] + k));
+                        _mm_prefetch((const char *)(wr[r] + (int64_t)ROWS * K + k), _MM_HINT_T0);
                         __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
                         __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q, 8)));
-                        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(xm + k), w0, a0);
-                        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(xm + k + 8), w1, a1);
+                        a0[r] = _mm256_fmadd_ps(x0, w0, a0[r]);
+                        a1[r] = _mm256_fmadd_ps(x1, w1, a1[r]);
                     }
-                    acc = _mm256_fmadd_ps(_mm256_add_ps(a0, a1), _mm256_set1_ps(sr[g]), acc);
                 }
-                y[(int64_t)m * N + n + r] = hsum(acc);
+                for (int r = 0; r < ROWS; r++)
+                    acc[r] = _mm256_fmadd_ps(_mm256_add_ps(a0[r], a1[r]), _mm256_set1_ps(sr[r][g]), acc[r]);
             }
+            for (int r = 0; r < rows; r++) y[(int64_t)m * N + n + r] = hsum(acc[r]);
         }
     }
 }
@@ -169,38 +181,53 @@ void gemv_q4(const float *x, const uint8_t *w, const float *scales, const float 
     }
     const __m256i low = _mm256_set1_epi8(0x0F);
     #pragma omp parallel for schedule(static)
-    for (int n = 0; n < N; n += ROWS) {
-        int rows = N - n < ROWS ? N - n : ROWS;
+    for (int n = 0; n < N; n += ROWS) {  /* blocks of 4 rows side by side, as gemv_q8 */
+        const int rows = N - n < ROWS ? N - n : ROWS;
+        const uint8_t *wr[ROWS];
+        const float *sr[ROWS], *orow[ROWS];
+        for (int r = 0; r < ROWS; r++) {
+            const int64_t row = n + (r < rows ? r : 0);
+            wr[r] = w + row * (K / 2);
+            sr[r] = scales + row * groups;
+            orow[r] = offsets + row * groups;
+        }
         for (int m = 0; m < M; m++) {
             const int8_t *xm = xq + (int64_t)m * K;
             const float *dm = xd + m * blocks, *sm = xsum + m * groups;
-            for (int r = 0; r < rows; r++) {
-                const uint8_t *wr = w + (int64_t)(n + r) * (K / 2);
-                const float *sr = scales + (int64_t)(n + r) * groups, *orow = offsets + (int64_t)(n + r) * groups;
-                __m256 acc = _mm256_setzero_ps();
-                float off = 0.f;
-                for (int g = 0; g < groups; g++) {
-                    const uint8_t *wg = wr + g * half;
-                    const int k0 = g * G;
-                    __m256 a = _mm256_setzero_ps();
-                    if (G == 32) {
-                        __m128i b = _mm_loadu_si128((const __m128i *)wg);
+            __m256 acc[ROWS];
+            float off[ROWS];
+            for (int r = 0; r < ROWS; r++) {
+                acc[r] = _mm256_setzero_ps();
+                off[r] = 0.f;
+            }
+            for (int g = 0; g < groups; g++) {
+                const int k0 = g * G;
+                __m256 a[ROWS];
+                for (int r = 0; r < ROWS; r++) a[r] = _mm256_setzero_ps();
+                if (G == 32) {
+                    for (int r = 0; r < ROWS; r++) {
+                        __m128i b = _mm_loadu_si128((const __m128i *)(wr[r] + g * half));
                         __m256i codes = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), _mm256_castsi256_si128(low)),
                                                          _mm_and_si128(b, _mm256_castsi256_si128(low)));
-                        a = dot_u4_s8(codes, xm + k0, dm[k0 / 32], a);
-                    } else {
-                        for (int j = 0; j < half; j += 32) {
-                            __m256i b = _mm256_loadu_si256((const __m256i *)(wg + j));
-                            a = dot_u4_s8(_mm256_and_si256(b, low), xm + k0 + j, dm[(k0 + j) / 32], a);
-                            a = dot_u4_s8(_mm256_and_si256(_mm256_srli_epi16(b, 4), low), xm + k0 + half + j,
-                                          dm[(k0 + half + j) / 32], a);
+                        a[r] = dot_u4_s8(codes, xm + k0, dm[k0 / 32], a[r]);
+                    }
+                } else {
+                    for (int j = 0; j < half; j += 32) {
+                        for (int r = 0; r < ROWS; r++) {
+                            __m256i b = _mm256_loadu_si256((const __m256i *)(wr[r] + g * half + j));
+                            _mm_prefetch((const char *)(wr[r] + (int64_t)ROWS * (K / 2) + g * half + j), _MM_HINT_T0);
+                            a[r] = dot_u4_s8(_mm256_and_si256(b, low), xm + k0 + j, dm[(k0 + j) / 32], a[r]);
+                            a[r] = dot_u4_s8(_mm256_and_si256(_mm256_srli_epi16(b, 4), low), xm + k0 + half + j,
+                                             dm[(k0 + half + j) / 32], a[r]);
                         }
                     }
-                    acc = _mm256_fmadd_ps(a, _mm256_set1_ps(sr[g]), acc);
-                    off += orow[g] * sm[g];
                 }
-                y[(int64_t)m * N + n + r] = hsum(acc) + off;
+                for (int r = 0; r < ROWS; r++) {
+                    acc[r] = _mm256_fmadd_ps(a[r], _mm256_set1_ps(sr[r][g]), acc[r]);
+                    off[r] += orow[r][g] * sm[g];
+                }
             }
+            for (int r = 0; r < rows; r++) y[(int64_t)m * N + n + r] = hsum(acc[r]) + off[r];
         }
     }
     free(xq);
