@@ -81,43 +81,31 @@ static inline float f32_to_f32(float v) { return v; }
 DENSE_GEMV(gemv_f32, float, _mm256_loadu_ps, f32_to_f32)
 DENSE_GEMV(gemv_bf16, uint16_t, load_bf16, bf16_to_f32)
 
-/* int8 codes, group-wise scales (G = K: one per row): W[n, k] = code * scale[n, k / G]. G is a multiple of 16.
-   Per output: two accumulators over each group, their sum times the group's scale into a third; rows of W go in
-   blocks of 4 computed side by side (independent FMA chains, one activation load for 4 rows), each row with the
-   same operations in the same order whatever M and its place in the block (batch invariant). */
+/* int8 codes, group-wise scales (G = K: one per row): W[n, k] = code * scale[n, k / G]. G is a multiple of 16. */
 void gemv_q8(const float *x, const int8_t *w, const float *scales, float *y, int M, int N, int K, int G) {
     int groups = K / G;
     #pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n += ROWS) {
-        const int rows = N - n < ROWS ? N - n : ROWS;
-        const int8_t *wr[ROWS];
-        const float *sr[ROWS];
-        for (int r = 0; r < ROWS; r++) {  /* a short last block repeats its first row (computed, not stored) */
-            wr[r] = w + (int64_t)(n + (r < rows ? r : 0)) * K;
-            sr[r] = scales + (int64_t)(n + (r < rows ? r : 0)) * groups;
-        }
+        int rows = N - n < ROWS ? N - n : ROWS;
         for (int m = 0; m < M; m++) {
             const float *xm = x + (int64_t)m * K;
-            __m256 acc[ROWS];
-            for (int r = 0; r < ROWS; r++) acc[r] = _mm256_setzero_ps();
-            for (int g = 0; g < groups; g++) {
-                __m256 a0[ROWS], a1[ROWS];
-                for (int r = 0; r < ROWS; r++) a0[r] = a1[r] = _mm256_setzero_ps();
-                for (int k = g * G; k < (g + 1) * G; k += 16) {
-                    __m256 x0 = _mm256_loadu_ps(xm + k), x1 = _mm256_loadu_ps(xm + k + 8);
-                    for (int r = 0; r < ROWS; r++) {
-                        __m128i q = _mm_loadu_si128((const __m128i *)(wr[r] + k));
-                        _mm_prefetch((const char *)(wr[r] + (int64_t)ROWS * K + k), _MM_HINT_T0);
+            for (int r = 0; r < rows; r++) {
+                const int8_t *wr = w + (int64_t)(n + r) * K;
+                const float *sr = scales + (int64_t)(n + r) * groups;
+                __m256 acc = _mm256_setzero_ps();
+                for (int g = 0; g < groups; g++) {
+                    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+                    for (int k = g * G; k < (g + 1) * G; k += 16) {
+                        __m128i q = _mm_loadu_si128((const __m128i *)(wr + k));
                         __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
                         __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q, 8)));
-                        a0[r] = _mm256_fmadd_ps(x0, w0, a0[r]);
-                        a1[r] = _mm256_fmadd_ps(x1, w1, a1[r]);
+                        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(xm + k), w0, a0);
+                        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(xm + k + 8), w1, a1);
                     }
+                    acc = _mm256_fmadd_ps(_mm256_add_ps(a0, a1), _mm256_set1_ps(sr[g]), acc);
                 }
-                for (int r = 0; r < ROWS; r++)
-                    acc[r] = _mm256_fmadd_ps(_mm256_add_ps(a0[r], a1[r]), _mm256_set1_ps(sr[r][g]), acc[r]);
+                y[(int64_t)m * N + n + r] = hsum(acc);
             }
-            for (int r = 0; r < rows; r++) y[(int64_t)m * N + n + r] = hsum(acc[r]);
         }
     }
 }
@@ -181,7 +169,7 @@ void gemv_q4(const float *x, const uint8_t *w, const float *scales, const float 
     }
     const __m256i low = _mm256_set1_epi8(0x0F);
     #pragma omp parallel for schedule(static)
-    for (int n = 0; n < N; n += ROWS) {  /* blocks of 4 rows side by side, as gemv_q8 */
+    for (int n = 0; n < N; n += ROWS) {  /* blocks of 4 rows side by side: independent FMA chains */
         const int rows = N - n < ROWS ? N - n : ROWS;
         const uint8_t *wr[ROWS];
         const float *sr[ROWS], *orow[ROWS];
