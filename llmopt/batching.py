@@ -445,9 +445,6 @@ def _prefill_joiners(model, slots: SlotCache, first_slot: int, joiners: list[Req
         logits = model(prompt, positions[:prompt.shape[1]], slots.prefill_view(first_slot), last_only=True)
         return [int(logits[0, -1].argmax())]
     prompts = [r.prompt_ids for r in joiners]
-    if max(map(len, prompts)) > slots.max_length:
-        raise ContextLengthError(f"a prompt of {max(map(len, prompts))} tokens does not fit a slot of "
-                                 f"{slots.max_length}")
     tokens, row_positions, mask, ends = packed_inputs(prompts, slots.device)
     view = _SlotPackedPrefill(slots, first_slot, [len(p) for p in prompts])
     logits = model(tokens, row_positions, view, mask, logits_at=ends)

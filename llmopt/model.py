@@ -164,9 +164,8 @@ class Transformer(nn.Module):
     def _rope_fp32(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         inv_freq = rope_inverse_frequencies(self.config)[0].to(positions.device)  # fp32, as transformers does
         freqs = positions.to(torch.float32)[..., None] * inv_freq
-        angles = torch.cat((freqs, freqs), dim=-1)
-        signs = torch.cat((-torch.ones_like(freqs), torch.ones_like(freqs)), dim=-1)
-        return angles.cos() * self.rope_scale, angles.sin() * self.rope_scale * signs
+        cos, sin = freqs.cos() * self.rope_scale, freqs.sin() * self.rope_scale
+        return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)  # sin signed for `apply_rope`
 
     def set_attention(self, name: str) -> "Transformer":
         """Switch the attention backend (naive | tiled | sdpa | flash_attn) for prefill and decode."""
