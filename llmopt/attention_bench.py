@@ -173,7 +173,7 @@ def model_benchmark(model, tokenizer, backends: list[str] | None = None, lengths
     reason recorded. Rows keep the generated token ids for the equivalence check; the model's backend is
     restored afterwards."""
     device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
+    dtype = model.activation_dtype
     backends = list(backends or attention.available_backends())
     previous = model.attention_backend
     limit = model.config.max_position_embeddings

@@ -274,7 +274,7 @@ class _Run:
     def __init__(self, model, requests: Sequence[Request], eos: frozenset[int], max_batch: int, timeout_s: float):
         self.model, self.eos, self.max_batch, self.timeout_s = model, eos, max_batch, timeout_s
         self.device = next(model.parameters()).device
-        self.dtype = next(model.parameters()).dtype
+        self.dtype = model.activation_dtype
         self.pending = deque(sorted(requests, key=lambda r: (r.arrival_s, r.request_id)))
         self.waiting: deque[Request] = deque()
         self.records = {r.request_id: RequestRecord(r.request_id, len(r.prompt_ids), r.max_new_tokens, r.arrival_s)

@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--dtype", default="fp32")
     gen.add_argument("--device", default="cpu")
     gen.add_argument("--cache", default="static", choices=["none", "static", "dynamic"])
+    gen.add_argument("--engine", default="pytorch", choices=["pytorch", "fused"],
+                     help="decode steps on the model's PyTorch operators or as one C call per token (CPU)")
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--chat", action="store_true")
@@ -58,7 +60,7 @@ def _dispatch(args) -> int:
         from .loading import load_model
 
         lm = load_model(args.model, args.dtype, args.device)
-        decoder = Decoder(lm.model, lm.tokenizer, cache=args.cache)
+        decoder = Decoder(lm.model, lm.tokenizer, cache=args.cache, engine=args.engine)
         config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
         for event in decoder.stream(args.prompt, config, chat=args.chat):
             print(event.text, end="", flush=True)

@@ -2,7 +2,8 @@
 
 A `Stack` switches each single-stream optimization on or off: KV cache, weight quantization, prompt (prefix)
 caching, the fused attention kernel ("flash attention": PyTorch's SDPA instead of naive attention) and
-speculative decoding (prompt lookup). Request batching changes throughput under concurrency rather than one
+speculative decoding (prompt lookup), and one step the document does not list: the fused decode step
+(`llmopt.fused_decode`, each one-token step a single C call instead of the model's PyTorch operators). Request batching changes throughput under concurrency rather than one
 request's speed, so it is measured as its own multiplier on the stacked model (`batching_gain`).
 
 The workload is the design document's prompt shape (system message + demonstrations + user question) whose user
@@ -27,12 +28,15 @@ from .harness import spread
 
 WARMUP_TOKENS = 4  # tokens per warm-up run of `measure`
 DOCUMENT_ORDER = ("kv_cache", "quantization", "prompt_caching", "flash_attention", "speculative_decoding")
-REQUIRES_KV_CACHE = ("prompt_caching", "speculative_decoding")
+EXTENSIONS = ("fused_decode",)  # measured after the document's list: not one of its six
+REQUIRES_KV_CACHE = ("prompt_caching", "speculative_decoding", "fused_decode")
 LABELS = {"kv_cache": "+ KV cache", "quantization": "+ quantization", "prompt_caching": "+ prompt caching",
-          "flash_attention": "+ flash attention (SDPA)", "speculative_decoding": "+ speculative (prompt lookup)"}
+          "flash_attention": "+ flash attention (SDPA)", "speculative_decoding": "+ speculative (prompt lookup)",
+          "fused_decode": "+ fused decode step (not in the document)"}
 MODULES = {"kv_cache": ["kv_cache.py"], "batching": ["batching.py", "workload.py"],
            "quantization": ["quantization.py", "gptq.py", "gptq_format.py"], "prompt_caching": ["prefix_cache.py"],
-           "flash_attention": ["attention.py"], "speculative_decoding": ["speculative.py"]}
+           "flash_attention": ["attention.py"], "speculative_decoding": ["speculative.py"],
+           "fused_decode": ["fused_decode.py", "csrc/decode_step.c"]}
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,7 @@ class Stack:
     prompt_caching: bool = False
     flash_attention: bool = False
     speculative_decoding: bool = False
+    fused_decode: bool = False
 
     def __post_init__(self):
         needs = [n for n in REQUIRES_KV_CACHE if getattr(self, n)]
@@ -101,6 +106,7 @@ class StackRunner:
     def decoder(self, stack: Stack) -> Decoder:
         model = self.model_for(stack)
         model.set_attention("sdpa" if stack.flash_attention else "naive")
+        engine = "fused" if stack.fused_decode else "pytorch"
         prefix = None
         if stack.prompt_caching:
             from .prefix_cache import PrefixCache
@@ -110,8 +116,9 @@ class StackRunner:
             from .speculative import PromptLookupDrafter, SpeculativeDecoder
 
             return SpeculativeDecoder(model, self.tokenizer, drafter=PromptLookupDrafter(), k=self.k,
-                                      cache="static", prefix_cache=prefix)
-        return Decoder(model, self.tokenizer, cache="static" if stack.kv_cache else "none", prefix_cache=prefix)
+                                      cache="static", prefix_cache=prefix, engine=engine)
+        return Decoder(model, self.tokenizer, cache="static" if stack.kv_cache else "none", prefix_cache=prefix,
+                       engine=engine)
 
     def run(self, stack: Stack, prompts: list[list[int]], new_tokens: int) -> list[Generation]:
         decoder = self.decoder(stack)
@@ -197,7 +204,7 @@ def module_lines(name: str, package_dir: Path | None = None) -> int:
         path = package_dir / module
         if path.exists():
             total += sum(1 for line in path.read_text().splitlines()
-                         if line.strip() and not line.strip().startswith("#"))
+                         if line.strip() and not line.strip().startswith(("#", "/*", "*", "//")))
     return total
 
 
@@ -210,17 +217,17 @@ def tokens_agree(a: list[list[int]], b: list[list[int]]) -> float:
     return same / total if total else float("nan")
 
 
-FORMAT_PAIRS = (("bf16", "F16"), ("INT8", "Q8_0"), ("INT4 g64", "Q4_1"))  # (ours, llama.cpp's) of like bytes
+FORMAT_PAIRS = (("bf16 weights", "F16"), ("INT8", "Q8_0"), ("INT4 g64", "Q4_1"))  # (ours, llama.cpp's), like bytes
 
 
 def our_format(model, kind: str):
     """A copy of `model` in one of our formats of `FORMAT_PAIRS` (made as notebook 03's rows are), on the fused
-    attention kernel. INT4 keeps the (tied) lm_head at 8 bits, as llama.cpp's 4-bit files keep their output
-    matrix above 4 bits."""
+    attention kernel. 16-bit weights compute with fp32 activations, as llama.cpp runs F16. INT4 keeps the (tied)
+    lm_head at 8 bits, as llama.cpp's 4-bit files keep their output matrix above 4 bits."""
     from . import quantized_variants as qv
 
-    if kind == "bf16":
-        variant = qv.dense(model, kind, torch.bfloat16)
+    if kind == "bf16 weights":
+        variant = qv.dense_weights(model, kind, torch.bfloat16)
     elif kind == "INT8":
         variant = qv.quantized(model, kind, "rtn", bits=8)
     elif kind == "INT4 g64":
@@ -232,17 +239,20 @@ def our_format(model, kind: str):
     return variant.model.set_attention("sdpa")
 
 
-def format_engines(model, tokenizer, gguf_path=None, threads: int = 2, directory=None) -> dict:
-    """Benchmark engines, format by format: ours (static cache, SDPA) and, when `gguf_path` is given, llama.cpp
+def format_engines(model, tokenizer, gguf_path=None, threads: int = 2, directory=None, engine: str = "fused") -> dict:
+    """Benchmark engines, format by format: ours (static cache, SDPA, on `engine` where it takes the model, see
+    `llmopt.fused_decode`) and, when `gguf_path` is given, llama.cpp
     on the same weights re-encoded by its own quantizer (the Q4_1 row is the shipped file itself), the re-encoded
     files cached in `directory` (default: the model cache's gguf/)."""
-    from . import benchmark, peers
+    from . import benchmark, fused_decode, peers
     from .loading import cache_dir
 
     directory = directory or cache_dir() / "gguf"
     engines = {}
     for ours, theirs in FORMAT_PAIRS:
-        engines[f"llmopt {ours}"] = benchmark.ours(Decoder(our_format(model, ours), tokenizer, cache="static"))
+        mine = our_format(model, ours)
+        use = "fused" if engine == "fused" and fused_decode.supported(mine) is None else "pytorch"
+        engines[f"llmopt {ours}"] = benchmark.ours(Decoder(mine, tokenizer, cache="static", engine=use))
         if gguf_path is not None:
             engines[f"llama.cpp {theirs}"] = peers.llama_cpp_engine(
                 peers.llama_cpp_format(gguf_path, theirs, directory), threads)

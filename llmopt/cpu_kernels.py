@@ -34,12 +34,13 @@ from torch import nn
 
 from .environment import cpu_flags
 
-SOURCE = Path(__file__).parent / "csrc" / "gemv.c"
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("gemv.c", "decode_step.c")]
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
 MAX_ROWS = 16  # activation rows up to which the GEMV kernels run (beyond: PyTorch's GEMM)
 CPU_FEATURES = ("avx2", "fma", "f16c")
 SIGNATURES = {"gemv_f32": "pppiii", "gemv_bf16": "pppiii", "gemv_q8": "ppppiiii", "gemv_q4": "pppppiiii",
-              "dequant_q8": "pppiii", "dequant_q4": "ppppiii", "fake_quantize_q8": "ppii"}  # p: pointer, i: int
+              "dequant_q8": "pppiii", "dequant_q4": "ppppiii", "fake_quantize_q8": "ppii",
+              "decode_token": "plllp"}  # p: pointer, i: int, l: int64
 
 
 @lru_cache(maxsize=1)
@@ -54,24 +55,25 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         return None, f"this CPU lacks {', '.join(missing)}"
     compiler = shutil.which(os.environ.get("CC", "gcc"))
     if compiler is None:
-        return None, "no C compiler (gcc) to build csrc/gemv.c"
+        return None, "no C compiler (gcc) to build csrc/"
     from .loading import cache_dir
 
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES) + " ".join(FLAGS).encode()).hexdigest()[:16]
     target = cache_dir() / "kernels" / f"libgemv-{digest}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             built = Path(tmp) / target.name
-            result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built)], capture_output=True, text=True)
+            result = subprocess.run([compiler, *FLAGS, *map(str, SOURCES), "-o", str(built), "-lm"],
+                                    capture_output=True, text=True)
             if result.returncode:
-                return None, f"gcc failed on csrc/gemv.c: {result.stderr.strip()[:500]}"
+                return None, f"gcc failed on csrc/: {result.stderr.strip()[:500]}"
             os.replace(built, target)  # atomic: a concurrent build never sees half a file
     lib = ctypes.CDLL(str(target))  # torch (imported above) loaded its libgomp first: the library binds to it
     for name, signature in SIGNATURES.items():  # pointers are passed as ints (data_ptr), sizes as C ints
         fn = getattr(lib, name)
         fn.restype = None
-        fn.argtypes = [ctypes.c_void_p if kind == "p" else ctypes.c_int for kind in signature]
+        fn.argtypes = [{"p": ctypes.c_void_p, "i": ctypes.c_int, "l": ctypes.c_int64}[kind] for kind in signature]
     return lib, ""
 
 
@@ -150,6 +152,8 @@ class GemvLinear(nn.Linear):
         if (weight.dtype not in (torch.float32, torch.bfloat16) or not weight.is_contiguous()
                 or not _uses_kernel(x, x.numel() // self.in_features)
                 or (weight.requires_grad and torch.is_grad_enabled())):
+            if weight.dtype != x.dtype:  # bf16 weights under fp32 activations (many rows): widen for the GEMM
+                weight = weight.to(x.dtype)
             return F.linear(x, weight, self.bias)
         return _finish(gemv(x, weight), x, self.bias)
 

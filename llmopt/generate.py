@@ -18,6 +18,9 @@ from .prefix_cache import model_fingerprint
 from .sampling import SamplingParams, sample
 
 
+ENGINES = ("pytorch", "fused")
+
+
 @dataclass(frozen=True)
 class GenerationConfig:
     max_new_tokens: int = 32
@@ -81,17 +84,32 @@ class Decoder:
 
     compile: run cached decode steps through `torch.compile` (prefill stays eager). Compilation happens on the
     first decode step; call `warm_up()` to pay it outside any timed region (it returns the seconds spent).
+    engine: 'pytorch' (the model's forward for every step) or 'fused' (`llmopt.fused_decode`: each one-token
+    decode step of a static cache is a single C call on the CPU kernels, the same math; prefill stays PyTorch).
     prefix_cache: an `llmopt.prefix_cache.PrefixCache`; prefill then runs only on the uncached suffix.
     """
 
     def __init__(self, model, tokenizer=None, cache: str = "static", eos_token_ids: Sequence[int] | None = None,
-                 compile: bool = False, prefix_cache=None):
+                 compile: bool = False, prefix_cache=None, engine: str = "pytorch"):
         make_cache(cache, model.config, 1)  # validates the kind early
+        if engine not in ENGINES:
+            raise InvalidParameterError(f"unknown engine {engine!r}; use {' or '.join(ENGINES)}")
+        if engine == "fused" and (compile or cache != "static"):
+            raise InvalidParameterError("the fused engine runs decode steps into a static cache, uncompiled: "
+                                        "use cache='static' and compile=False")
         if compile and cache in (None, "none"):
             raise InvalidParameterError("compile applies to the cached decode step; use cache='static'")
         if prefix_cache is not None and cache in (None, "none"):
             raise InvalidParameterError("a prefix cache needs a KV cache: use cache='static' or 'dynamic'")
         self.decode_forward = torch.compile(model, dynamic=True) if compile else model
+        if engine == "fused":
+            from .fused_decode import FusedDecodeStep, supported
+
+            reason = supported(model)
+            if reason:
+                raise InvalidParameterError(f"engine='fused' cannot run this model: {reason}")
+            self.decode_forward = FusedDecodeStep(model)
+        self.engine = engine
         self.prefix_cache = prefix_cache
         self.model, self.tokenizer, self.cache_kind = model, tokenizer, cache
         ids = set(eos_token_ids if eos_token_ids is not None else model.config.eos_token_ids)
@@ -99,7 +117,7 @@ class Decoder:
             ids.add(tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(ids)
         self.device = next(model.parameters()).device
-        self.dtype = next(model.parameters()).dtype
+        self.dtype = model.activation_dtype
         self.positions = torch.arange(model.config.max_position_embeddings, device=self.device)
         self.cache = None  # the last request's cache, kept for inspection (bytes, length)
 

@@ -195,6 +195,8 @@ class Transformer(nn.Module):
         places), giving [B, N, V].
         """
         x = self.embed_tokens(tokens)
+        if x.dtype != self.activation_dtype:  # bf16 embeddings under fp32 activations (16-bit weights only)
+            x = x.to(self.activation_dtype)
         cos, sin = self.rope(positions, x.dtype)
         for layer in self.layers:
             x = layer(x, cos, sin, cache, mask, self._attend)
@@ -203,6 +205,11 @@ class Transformer(nn.Module):
         elif logits_at is not None:
             x = x[:, logits_at]
         return self.lm_head(self.norm(x))
+
+    @property
+    def activation_dtype(self) -> torch.dtype:
+        """The dtype activations and the KV cache take: the norms' (16-bit weights may sit under fp32)."""
+        return self.norm.weight.dtype
 
     @property
     def weight_bytes(self) -> int:

@@ -214,7 +214,7 @@ def multi_tenant(model, tokenizer, requests: int = 60, tenants: int = 6, users: 
     Default memory limit: the KV of three full scenario prompts (so the long tail of tenants gets evicted)."""
     rng = random.Random(seed)
     if prefix_cache is None:
-        per_prompt = 270 * kv_bytes_per_token(model.config, next(model.parameters()).dtype)
+        per_prompt = 270 * kv_bytes_per_token(model.config, model.activation_dtype)
         clock = SimulatedClock()
         prefix_cache = PrefixCache(max_bytes or 3 * per_prompt, ttl_s, clock)
     clock = prefix_cache.clock

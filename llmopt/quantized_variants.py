@@ -60,6 +60,21 @@ def dense(base: nn.Module, name: str, dtype: torch.dtype) -> Variant:
     return Variant(name, "dense", model, dense_kernel(model), quantize_s=time.perf_counter() - start)
 
 
+def dense_weights(base: nn.Module, name: str, dtype: torch.dtype = torch.bfloat16) -> Variant:
+    """16-bit weights under fp32 activations (llama.cpp's F16 way): the linear layers' weights (and the tied
+    embedding) stored in `dtype` and widened inside the kernel; norms and activations stay fp32."""
+    from . import cpu_kernels
+
+    start = time.perf_counter()
+    model = cpu_kernels.use_gemv(copy.deepcopy(base))
+    for linear in quantization.linear_names(model):
+        module = model.get_submodule(linear)
+        module.weight.data = module.weight.data.to(dtype)  # a tied lm_head casts the embedding with it
+    kernel = (f"llmopt AVX2 gemv ({str(dtype).replace('torch.', '')} weights, fp32 activations)"
+              if cpu_kernels.available() else "dense matmul (weights widened to fp32 per call)")
+    return Variant(name, "dense", model, kernel, quantize_s=time.perf_counter() - start)
+
+
 def quantized(base: nn.Module, name: str, method: str, bits: int, group_size: int | None = None,
               symmetric: bool = False, include_lm_head: bool = True, calibration_ids: torch.Tensor | None = None,
               **gptq_options) -> Variant:

@@ -70,14 +70,27 @@ def _kv_cache(d: Path, prompt_tokens: int) -> Effect | None:
                   f"01: {int(on.prompt_tokens)}-token prompt, {int(on.new_tokens)} new tokens, SDPA attention")
 
 
+PYTORCH_ENGINE = " · PyTorch engine"  # 03's rows that repeat a format on the PyTorch engine
+
+
 def _quantization(d: Path, variant: str) -> Effect | None:
-    table = _read(d, "03_quantization")
-    if table is None or variant not in set(table.variant):
-        return None
-    rows = table.set_index("variant")
-    on, off = rows.loc[variant], rows.loc["fp32"]
+    """07 adds quantization on the PyTorch engine (the fused decode step comes later), so 03's PyTorch-engine
+    pair is the like-for-like one when 03 measured it; otherwise 03's main rows (on its chosen engine)."""
+    engines = _read(d, "03_quantization_engines")
+    names = set(engines.engine) if engines is not None else set()
+    if {variant + PYTORCH_ENGINE, "fp32" + PYTORCH_ENGINE} <= names:
+        rows = engines.set_index("engine")
+        on, off = rows.loc[variant + PYTORCH_ENGINE], rows.loc["fp32" + PYTORCH_ENGINE]
+        where = "PyTorch engine"
+    else:
+        table = _read(d, "03_quantization")
+        if table is None or variant not in set(table.variant):
+            return None
+        rows = table.set_index("variant")
+        on, off = rows.loc[variant], rows.loc["fp32"]
+        where = f"{on.get('decode_engine', 'pytorch')} engine"
     return Effect("quantization", "decode tokens/s", *_rows_ratio(on, off, "decode_tokens_per_s"),
-                  f"03: {variant} against fp32, {int(on.prompt_tokens)}-token prompt, SDPA attention")
+                  f"03: {variant} against fp32, {int(on.prompt_tokens)}-token prompt, SDPA attention, {where}")
 
 
 def _prompt_caching(d: Path, prefix_tokens: int) -> Effect | None:

@@ -340,7 +340,7 @@ class SpeculativeDecoder(Decoder):
     """Our `Decoder` with speculation: same prompts, configs, stop rules and `Generation` records."""
 
     def __init__(self, model, tokenizer=None, drafter: Drafter | None = None, k: int = 4, cache: str = "static",
-                 eos_token_ids: Sequence[int] | None = None, prefix_cache=None):
+                 eos_token_ids: Sequence[int] | None = None, prefix_cache=None, engine: str = "pytorch"):
         if cache in (None, "none"):
             raise InvalidParameterError("speculative decoding verifies drafts through a KV cache: use "
                                         "cache='static' or 'dynamic'")
@@ -348,7 +348,7 @@ class SpeculativeDecoder(Decoder):
             raise InvalidParameterError(f"k (drafted tokens per pass) must be >= 1, got {k}")
         if drafter is None:
             raise InvalidParameterError("speculative decoding needs a drafter (see make_drafter)")
-        super().__init__(model, tokenizer, cache, eos_token_ids, prefix_cache=prefix_cache)
+        super().__init__(model, tokenizer, cache, eos_token_ids, prefix_cache=prefix_cache, engine=engine)
         self.drafter, self.k = drafter, k
 
     def generate(self, prompt, config: GenerationConfig = GenerationConfig(), chat: bool = False
@@ -407,7 +407,8 @@ class SpeculativeDecoder(Decoder):
         t1 = time.perf_counter()
         length = len(tokens)
         step = torch.tensor([[tokens[-1]] + drafted], device=self.device)
-        logits = self.model(step, self.positions[length - 1:length + len(drafted)], self.cache)[0]  # [k+1, V]
+        # [k+1, V]; with no draft this is a plain one-token step (the fused engine's, when chosen)
+        logits = self.decode_forward(step, self.positions[length - 1:length + len(drafted)], self.cache)[0]
         if params.greedy:
             choices = logits.argmax(-1).tolist()
             n = greedy_accept(choices, drafted)

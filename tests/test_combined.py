@@ -30,9 +30,9 @@ def test_every_lossless_stack_in_both_orders_equals_the_baseline(model):
     runner = combined.StackRunner(model, None, quantize=None, k=4)
     prompts = [[1, 2, 3, 4, 5, 1, 2, 3], [1, 2, 3, 4, 5, 6, 7]]
     baseline = [g.token_ids for g in runner.run(combined.Stack(), prompts, 10)]
-    lossless = [n for n in combined.DOCUMENT_ORDER if n != "quantization"]
+    lossless = [n for n in combined.DOCUMENT_ORDER if n != "quantization"] + list(combined.EXTENSIONS)
     reordered = combined.best_order({"speculative_decoding": 3.0, "flash_attention": 2.0, "kv_cache": 1.5,
-                                     "prompt_caching": 1.2})
+                                     "prompt_caching": 1.2, "fused_decode": 2.5})
     for stacks in (combined.stacks_in_order(lossless), combined.stacks_in_order(reordered)):
         for name, stack in stacks.items():
             assert [g.token_ids for g in runner.run(stack, prompts, 10)] == baseline, name
@@ -41,6 +41,8 @@ def test_every_lossless_stack_in_both_orders_equals_the_baseline(model):
 def test_stack_rules_and_best_order():
     with pytest.raises(InvalidParameterError, match="need the KV cache"):
         combined.Stack(prompt_caching=True)
+    with pytest.raises(InvalidParameterError, match="need the KV cache"):
+        combined.Stack(fused_decode=True)
     order = combined.best_order({"speculative_decoding": 3.0, "kv_cache": 2.0, "quantization": 1.5,
                                  "flash_attention": 1.1, "prompt_caching": 1.2})
     assert order.index("kv_cache") < order.index("speculative_decoding")
@@ -91,10 +93,10 @@ def test_format_engines_and_table_without_llama_cpp():
         assert len(engine([5, 6, 7, 8], 4).token_ids) == 4, name
     assert all(torch.equal(before[name], t) for name, t in model.state_dict().items())  # copies, base untouched
     frame = combined.format_table(pd.DataFrame([
-        {"engine": "llmopt bf16", "decode_tokens_per_s": 20.0, "prompt_tokens": 100, "time_to_first_token_s": 0.5},
+        {"engine": "llmopt bf16 weights", "decode_tokens_per_s": 20.0, "prompt_tokens": 100, "time_to_first_token_s": 0.5},
         {"engine": "llama.cpp F16", "decode_tokens_per_s": 40.0, "prompt_tokens": 100, "time_to_first_token_s": 0.25},
         {"engine": "llmopt INT8", "decode_tokens_per_s": 30.0, "prompt_tokens": 100, "time_to_first_token_s": 0.5}]))
-    assert frame.ours.tolist() == ["bf16", "INT8"]
+    assert frame.ours.tolist() == ["bf16 weights", "INT8"]
     assert frame.loc[0, "decode_ours_over_llama_cpp"] == 0.5 and frame.loc[0, "prefill_ours_over_llama_cpp"] == 0.5
     assert pd.isna(frame.loc[1, "decode_ours_over_llama_cpp"])  # no llama.cpp row: no ratio
     with pytest.raises(InvalidParameterError):

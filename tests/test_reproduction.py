@@ -34,6 +34,16 @@ def test_effects_read_the_nearest_condition_and_missing_notebooks_are_none(tmp_p
     assert effects["prompt_caching"] is None and effects["speculative_decoding"] is None
 
 
+def test_quantization_prefers_03s_pytorch_engine_pair_the_step_07_measures(tmp_path):
+    write_results(tmp_path)
+    pd.DataFrame({"engine": ["fp32", "INT8 RTN (per channel)", "fp32 · PyTorch engine",
+                             "INT8 RTN (per channel) · PyTorch engine"], "prompt_tokens": 32,
+                  "decode_tokens_per_s": [20.0, 30.0, 10.0, 12.0], "decode_tokens_per_s_spread": 0.0}).to_csv(
+        tmp_path / "03_quantization_engines.csv", index=False)
+    effect = reproduction.notebook_effects(300, 250, "INT8 RTN (per channel)", 8, 8, tmp_path)["quantization"]
+    assert effect.ratio == pytest.approx(1.2) and "PyTorch engine" in effect.condition
+
+
 def test_combined_effects_compare_each_step_with_the_notebook_band(tmp_path):
     write_results(tmp_path)
     effects = reproduction.notebook_effects(300, 250, "INT8 RTN (per channel)", 8, 8, tmp_path)

@@ -1,0 +1,112 @@
+"""The fused decode step (llmopt.fused_decode): the same logits, cache contents and greedy tokens as the PyTorch
+model for every weight format it takes, the model itself for every step it does not take, and clear errors."""
+import copy
+
+import pytest
+import torch
+
+from llmopt import cpu_kernels, quantization
+from llmopt.errors import InvalidParameterError
+from llmopt.fused_decode import FusedDecodeStep, supported
+from llmopt.generate import Decoder, GenerationConfig
+from llmopt.kv_cache import DynamicCache, StaticCache
+from llmopt.testing import tiny_model
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.available(),
+                                reason=f"llmopt CPU kernels unavailable: {cpu_kernels.unavailable_reason()}")
+
+
+def prefilled(model, prompt, max_length=64):
+    cache = StaticCache(model.config, max_length)
+    with torch.inference_mode():
+        model(torch.tensor([prompt]), torch.arange(len(prompt)), cache, last_only=True)
+    return cache
+
+
+@pytest.mark.parametrize("model_type,overrides", [("llama", {}), ("qwen2", {}),  # qwen2: q/k/v biases
+                                                  ("llama", {"tie_word_embeddings": True})])
+def test_fp32_steps_match_the_model_logits_and_cache(model_type, overrides):
+    model = tiny_model(model_type, **overrides)
+    step = FusedDecodeStep(model)
+    prompt = [3, 17, 5, 60, 8, 9, 41]
+    ours, theirs = prefilled(model, prompt), prefilled(model, prompt)
+    token = torch.tensor([[11]])
+    with torch.inference_mode():
+        for i in range(6):
+            position = torch.tensor([len(prompt) + i])
+            expected = model(token, position, theirs, last_only=True)
+            actual = step(token, position, ours, last_only=True)
+            assert actual.shape == expected.shape
+            torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+            token = expected[:, -1].argmax(-1, keepdim=True)
+    assert ours.lengths == theirs.lengths == [len(prompt) + 6] * model.config.num_layers
+    for layer in range(model.config.num_layers):
+        torch.testing.assert_close(ours.keys[layer], theirs.keys[layer], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ours.values[layer], theirs.values[layer], rtol=1e-5, atol=1e-5)
+
+
+def quantized(model, form):
+    model = copy.deepcopy(model)
+    if form == "bf16 weights":  # bf16 weights, fp32 activations (llama.cpp's F16 way)
+        cpu_kernels.use_gemv(model)
+        for name in quantization.linear_names(model):
+            model.get_submodule(name).weight.data = model.get_submodule(name).weight.data.to(torch.bfloat16)
+    elif form == "gptq act-order":
+        calibration = torch.randint(3, 96, (4, 32), generator=torch.Generator().manual_seed(0))
+        quantization.quantize_model(model, method="gptq", bits=4, group_size=32, calibration_ids=calibration,
+                                    act_order=True)
+    elif form != "fp32":
+        bits = {"int8": 8, "int4": 4}[form]
+        quantization.quantize_model(model, "rtn", bits, 32 if bits == 4 else None)
+    return model
+
+
+@pytest.mark.parametrize("form", ["fp32", "bf16 weights", "int8", "int4", "gptq act-order"])
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+def test_fused_engine_generates_the_pytorch_engines_tokens(model_type, form):
+    model = quantized(tiny_model(model_type), form)
+    assert supported(model) is None
+    config = GenerationConfig(max_new_tokens=16, ignore_eos=True)
+    for prompt in ([1, 5, 9], list(range(3, 40))):
+        expected = Decoder(model).generate(prompt, config).token_ids
+        assert Decoder(model, engine="fused").generate(prompt, config).token_ids == expected
+
+
+def test_steps_it_does_not_take_go_to_the_model_unchanged():
+    model = tiny_model()
+    step = FusedDecodeStep(model)
+    with torch.inference_mode():
+        prompt = torch.tensor([[4, 8, 15, 16]])
+        for cache in (prefilled(model, [1, 2]), DynamicCache(model.config)):  # several tokens; another cache
+            reference = copy.deepcopy(cache)
+            torch.testing.assert_close(step(prompt, torch.arange(2, 6), cache), model(prompt, torch.arange(2, 6), reference),
+                                       rtol=0, atol=0)
+        batch = StaticCache(model.config, 16, batch_size=2)  # batch of two rows
+        tokens = torch.tensor([[4], [8]])
+        assert torch.equal(step(tokens, torch.tensor([0]), batch), model(tokens, torch.tensor([0]),
+                                                                          StaticCache(model.config, 16, 2)))
+        cache, reference = prefilled(model, [1, 2]), prefilled(model, [1, 2])
+        with cpu_kernels.switched_off():  # the kernels switched off: the model on PyTorch's matmul
+            assert torch.equal(step(torch.tensor([[3]]), torch.tensor([2]), cache),
+                               model(torch.tensor([[3]]), torch.tensor([2]), reference))
+
+
+def test_a_full_cache_raises_the_models_error():
+    model = tiny_model()
+    step = FusedDecodeStep(model)
+    cache = prefilled(model, [1, 2, 3], max_length=3)
+    with torch.inference_mode(), pytest.raises(Exception, match="KV cache full"):
+        step(torch.tensor([[4]]), torch.tensor([3]), cache)
+
+
+def test_models_it_cannot_run_say_why():
+    with pytest.raises(InvalidParameterError, match="bf16/fp16"):
+        Decoder(tiny_model(dtype=torch.bfloat16), engine="fused")
+    with pytest.raises(InvalidParameterError, match="static cache"):
+        Decoder(tiny_model(), cache="dynamic", engine="fused")
+    with pytest.raises(InvalidParameterError, match="unknown engine"):
+        Decoder(tiny_model(), engine="turbo")
+    with cpu_kernels.switched_off():
+        assert "kernels" in supported(tiny_model())
+    assert supported(tiny_model()) is None
+
