@@ -40,7 +40,7 @@ MAX_ROWS = 16  # activation rows up to which the GEMV kernels run (beyond: PyTor
 CPU_FEATURES = ("avx2", "fma", "f16c")
 SIGNATURES = {"gemv_f32": "pppiii", "gemv_bf16": "pppiii", "gemv_q8": "ppppiiii", "gemv_q4": "pppppiiii",
               "dequant_q8": "pppiii", "dequant_q4": "ppppiii", "fake_quantize_q8": "ppii",
-              "decode_token": "plllp"}  # p: pointer, i: int, l: int64
+              "decode_tokens": "pplllpl"}  # p: pointer, i: int, l: int64
 
 
 @lru_cache(maxsize=1)

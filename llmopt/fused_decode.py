@@ -6,9 +6,12 @@ microseconds of dispatch, which for the default 30-layer model is 10-17 ms per t
 matrix products themselves. `FusedDecodeStep` runs the same math (fp32 activations, the same GEMV kernels,
 weights and static KV cache buffers shared with the model, nothing copied) as one call per token.
 
-It is an engine choice, not new math: `Decoder(..., engine="fused")` takes it for single-token steps of batch 1
-into a `StaticCache`, and everything else (prefill, batched or multi-token steps, other caches, CUDA) goes to
-the model as before. Its tokens are tested equal to the PyTorch model's (tests/test_fused_decode.py). It runs
+It is an engine choice, not new math: `Decoder(..., engine="fused")` takes it for steps of batch 1 into a
+`StaticCache` of one token, or of up to `cpu_kernels.MAX_ROWS` consecutive tokens (speculative decoding's
+verification of a draft), and everything else (prefill, batches, other caches, CUDA) goes to the model as before. In fp32 its greedy tokens are tested equal to the PyTorch engine's and to transformers'
+(tests/test_fused_decode.py, tests/test_e2e_default.py); its sums run in another order, so with int4 weights,
+whose kernel rounds the activations to int8 codes, a last-bit difference can move a code and, at a near-tie, a
+token, as a batch or a verification step does on the PyTorch engine too (quantization is not lossless). It runs
 where `supported(model)` returns None: the CPU kernels built, fp32 activations (norm and embedding weights in
 fp32, embeddings fp32 or bf16), linear layers as fp32 / bf16 / int8 / int4 on our kernels.
 """
@@ -91,8 +94,8 @@ def supported(model: nn.Module) -> str | None:
 
 
 class FusedDecodeStep:
-    """Callable like the model, `step(tokens, positions, cache, last_only=True)`: one C call when the step is a
-    single token of batch 1 into a fp32 `StaticCache`, the model itself otherwise."""
+    """Callable like the model, `step(tokens, positions, cache, last_only=True)`: one C call when the step is
+    1 to `cpu_kernels.MAX_ROWS` consecutive tokens of batch 1 into a fp32 `StaticCache`, the model otherwise."""
 
     def __init__(self, model: nn.Module):
         reason = supported(model)
@@ -120,7 +123,7 @@ class FusedDecodeStep:
                 down=self._linear(mlp.down_proj))
         self._bound_cache = None
         self._address = ctypes.addressof(self._struct)
-        self._call = cpu_kernels._load()[0].decode_token
+        self._call = cpu_kernels._load()[0].decode_tokens
 
     def _linear(self, module: nn.Module) -> Linear:
         if isinstance(module, cpu_kernels.QuantizedGemvLinear):
@@ -137,7 +140,8 @@ class FusedDecodeStep:
                       _pointer(module.bias), None)
 
     def _fits(self, tokens: torch.Tensor, cache) -> bool:
-        return (type(cache) is StaticCache and tokens.shape == (1, 1) and cpu_kernels.available() and cache.keys[0].shape[0] == 1
+        return (type(cache) is StaticCache and tokens.shape[0] == 1 and tokens.shape[1] <= cpu_kernels.MAX_ROWS
+                and cpu_kernels.available() and cache.keys[0].shape[0] == 1
                 and cache.keys[0].dtype == torch.float32 and cache.keys[0].is_cpu
                 and not torch.is_grad_enabled())
 
@@ -153,13 +157,17 @@ class FusedDecodeStep:
                  last_only: bool = False, logits_at=None) -> torch.Tensor:
         if mask is not None or logits_at is not None or not self._fits(tokens, cache):
             return self.model(tokens, positions, cache, mask=mask, last_only=last_only, logits_at=logits_at)
-        slot = cache.lengths[-1]
-        position = int(positions.reshape(-1)[0])
-        if slot >= cache.max_length or position >= self.model.rope_cos.shape[0]:
-            return self.model(tokens, positions, cache, last_only=last_only)  # the model raises the clear error
+        count, slot = tokens.shape[1], cache.lengths[-1]
+        positions = positions.reshape(-1)
+        position = int(positions[0])
+        consecutive = count == 1 or (positions.numel() == count and int(positions[-1]) == position + count - 1)
+        if not consecutive or slot + count > cache.max_length or position + count > self.model.rope_cos.shape[0]:
+            return self.model(tokens, positions, cache, last_only=last_only)  # the model (or its clear error)
         if cache is not self._bound_cache:
             self._bind(cache)
-        logits = torch.empty(1, 1, self.model.config.vocab_size)
-        self._call(self._address, int(tokens[0, 0]), position, slot, logits.data_ptr())
-        cache.lengths = [slot + 1] * len(cache.lengths)
+        ids = tokens if tokens.dtype == torch.int64 and tokens.is_contiguous() else tokens.to(torch.int64).contiguous()
+        every = not last_only and count > 1
+        logits = torch.empty(1, count if every else 1, self.model.config.vocab_size)
+        self._call(self._address, ids.data_ptr(), count, position, slot, logits.data_ptr(), int(every))
+        cache.lengths = [slot + count] * len(cache.lengths)
         return logits

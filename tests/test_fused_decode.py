@@ -72,15 +72,43 @@ def test_fused_engine_generates_the_pytorch_engines_tokens(model_type, form):
         assert Decoder(model, engine="fused").generate(prompt, config).token_ids == expected
 
 
+def test_several_tokens_at_once_match_the_model_at_every_position():
+    model = tiny_model("qwen2")
+    step = FusedDecodeStep(model)
+    block = torch.tensor([[4, 8, 15, 16, 23]])
+    with torch.inference_mode():
+        for last_only in (False, True):
+            ours, theirs = prefilled(model, [1, 2, 3]), prefilled(model, [1, 2, 3])
+            actual = step(block, torch.arange(3, 8), ours, last_only=last_only)
+            expected = model(block, torch.arange(3, 8), theirs, last_only=last_only)
+            assert actual.shape == expected.shape
+            torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+            assert ours.lengths == theirs.lengths == [8] * model.config.num_layers
+            torch.testing.assert_close(ours.keys[1][:, :, :8], theirs.keys[1][:, :, :8], rtol=1e-5, atol=1e-5)
+
+
+def test_speculative_decoding_on_the_fused_engine_keeps_the_plain_tokens():
+    from llmopt.speculative import PromptLookupDrafter, SpeculativeDecoder
+
+    model = quantized(tiny_model(), "int4")
+    config = GenerationConfig(max_new_tokens=20, ignore_eos=True)
+    prompt = [5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6, 7]  # something for prompt lookup to find
+    expected = Decoder(model).generate(prompt, config).token_ids
+    for k in (1, 4, 8):
+        fused = SpeculativeDecoder(model, drafter=PromptLookupDrafter(), k=k, engine="fused")
+        assert fused.generate(prompt, config).token_ids == expected, k
+
+
 def test_steps_it_does_not_take_go_to_the_model_unchanged():
     model = tiny_model()
     step = FusedDecodeStep(model)
     with torch.inference_mode():
-        prompt = torch.tensor([[4, 8, 15, 16]])
-        for cache in (prefilled(model, [1, 2]), DynamicCache(model.config)):  # several tokens; another cache
+        many = torch.arange(1, cpu_kernels.MAX_ROWS + 2)[None]  # more tokens than the kernels' rows
+        for cache in (prefilled(model, [1, 2]), DynamicCache(model.config)):  # and another kind of cache
+            tokens = many if isinstance(cache, StaticCache) else many[:, :3]
+            positions = torch.arange(2, 2 + tokens.shape[1])
             reference = copy.deepcopy(cache)
-            torch.testing.assert_close(step(prompt, torch.arange(2, 6), cache), model(prompt, torch.arange(2, 6), reference),
-                                       rtol=0, atol=0)
+            assert torch.equal(step(tokens, positions, cache), model(tokens, positions, reference))
         batch = StaticCache(model.config, 16, batch_size=2)  # batch of two rows
         tokens = torch.tensor([[4], [8]])
         assert torch.equal(step(tokens, torch.tensor([0]), batch), model(tokens, torch.tensor([0]),

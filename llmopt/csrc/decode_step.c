@@ -1,4 +1,4 @@
-/* One whole decode step (one token, batch 1) of the Llama / Qwen2 decoder in a single call, as llama.cpp runs a
+/* One whole decode step (one token, or a few consecutive ones, batch 1) of the Llama / Qwen2 decoder in a single call, as llama.cpp runs a
    token: embedding row, per layer RMSNorm -> q/k/v GEMVs -> RoPE -> K/V written into the static cache ->
    attention over the cache -> o GEMV + residual -> RMSNorm -> gate/up GEMVs -> SiLU * up -> down GEMV + residual,
    then the final norm and the vocabulary GEMV. The math is the PyTorch model's (llmopt/model.py), in fp32; the
@@ -42,21 +42,24 @@ typedef struct {
     Layer *layers;
 } Model;
 
-/* y = W x (+ bias) for one activation row, on the kernel of W's format. `scratch` holds in_features floats. */
-static void linear(const Linear *l, const float *x, float *y, float *scratch) {
+/* y = W x (+ bias) for `rows` activation rows x [rows, in], y [rows, out], on the kernel of W's format.
+   `scratch` holds rows * in_features floats. */
+static void linear(const Linear *l, const float *x, float *y, int rows, float *scratch) {
+    const int n = (int)l->out_features, k = (int)l->in_features, g = (int)l->group_size;
     if (l->input_order) {
-        for (int64_t i = 0; i < l->in_features; i++) scratch[i] = x[l->input_order[i]];
+        for (int r = 0; r < rows; r++)
+            for (int i = 0; i < k; i++) scratch[(int64_t)r * k + i] = x[(int64_t)r * k + l->input_order[i]];
         x = scratch;
     }
-    const int n = (int)l->out_features, k = (int)l->in_features, g = (int)l->group_size;
     switch (l->kind) {
-        case W_F32: gemv_f32(x, (const float *)l->weight, y, 1, n, k); break;
-        case W_BF16: gemv_bf16(x, (const uint16_t *)l->weight, y, 1, n, k); break;
-        case W_Q8: gemv_q8(x, (const int8_t *)l->weight, l->scales, y, 1, n, k, g); break;
-        default: gemv_q4(x, (const uint8_t *)l->weight, l->scales, l->offsets, y, 1, n, k, g); break;
+        case W_F32: gemv_f32(x, (const float *)l->weight, y, rows, n, k); break;
+        case W_BF16: gemv_bf16(x, (const uint16_t *)l->weight, y, rows, n, k); break;
+        case W_Q8: gemv_q8(x, (const int8_t *)l->weight, l->scales, y, rows, n, k, g); break;
+        default: gemv_q4(x, (const uint8_t *)l->weight, l->scales, l->offsets, y, rows, n, k, g); break;
     }
     if (l->bias)
-        for (int i = 0; i < n; i++) y[i] += l->bias[i];
+        for (int r = 0; r < rows; r++)
+            for (int i = 0; i < n; i++) y[(int64_t)r * n + i] += l->bias[i];
 }
 
 /* out = x * rsqrt(mean(x^2) + eps) * weight */
@@ -89,82 +92,91 @@ static inline float dot(const float *a, const float *b, int d) {
     return s;
 }
 
-/* One query per head against keys/values 0..length-1 of its KV head (grouped-query attention): softmax(q k^T /
-   sqrt(D)) v, heads split across threads. `scores` holds num_heads * length floats. */
-static void attend(const float *q, const float *keys, const float *values, float *out, float *scores,
-                   int heads, int kv_heads, int d, int max_length, int length) {
-    const int group = heads / kv_heads;
+/* Queries of T consecutive tokens, each head against keys/values 0..first_length-1+t of its KV head
+   (grouped-query attention, causal within the new tokens): softmax(q k^T / sqrt(D)) v, (token, head) pairs split
+   across threads. q and out are [T, heads, D]; `scores` holds T * heads * (first_length + T - 1) floats. */
+static void attend(const float *q, const float *keys, const float *values, float *out, float *scores, int T,
+                   int heads, int kv_heads, int d, int max_length, int first_length) {
+    const int group = heads / kv_heads, span = first_length + T - 1;
     const float scale = 1.0f / sqrtf((float)d);
     #pragma omp parallel for schedule(static)
-    for (int h = 0; h < heads; h++) {
-        const float *qh = q + h * d;
+    for (int th = 0; th < T * heads; th++) {
+        const int t = th / heads, h = th % heads, length = first_length + t;
+        const float *qh = q + (int64_t)th * d;
         const float *kh = keys + (int64_t)(h / group) * max_length * d, *vh = values + (int64_t)(h / group) * max_length * d;
-        float *s = scores + (int64_t)h * length, *oh = out + h * d;
+        float *s = scores + (int64_t)th * span, *oh = out + (int64_t)th * d;
         float top = -INFINITY, total = 0.f;
-        for (int t = 0; t < length; t++) {
-            s[t] = dot(qh, kh + (int64_t)t * d, d) * scale;
-            top = s[t] > top ? s[t] : top;
+        for (int j = 0; j < length; j++) {
+            s[j] = dot(qh, kh + (int64_t)j * d, d) * scale;
+            top = s[j] > top ? s[j] : top;
         }
-        for (int t = 0; t < length; t++) total += (s[t] = expf(s[t] - top));
+        for (int j = 0; j < length; j++) total += (s[j] = expf(s[j] - top));
         for (int i = 0; i < d; i++) oh[i] = 0.f;
-        for (int t = 0; t < length; t++) {
-            const __m256 p = _mm256_set1_ps(s[t] / total);
-            const float *vt = vh + (int64_t)t * d;
+        for (int j = 0; j < length; j++) {
+            const __m256 p = _mm256_set1_ps(s[j] / total);
+            const float *vt = vh + (int64_t)j * d;
             int i = 0;
             for (; i + 8 <= d; i += 8)
                 _mm256_storeu_ps(oh + i, _mm256_fmadd_ps(p, _mm256_loadu_ps(vt + i), _mm256_loadu_ps(oh + i)));
-            for (; i < d; i++) oh[i] += s[t] / total * vt[i];
+            for (; i < d; i++) oh[i] += s[j] / total * vt[i];
         }
     }
 }
 
-/* The logits [vocab] for `token` at RoPE position `position`, its keys/values written at cache index `slot`
-   (attention then covers cache entries 0..slot). */
-void decode_token(const Model *m, int64_t token, int64_t position, int64_t slot, float *logits) {
+/* `count` consecutive tokens (1: a decode step; more: speculative decoding's verification of a draft) at RoPE
+   positions position.., their keys/values written at cache indices slot.. (token t attends to entries
+   0..slot+t). Logits for every token ([count, vocab]) when `all_logits`, else for the last one only. */
+void decode_tokens(const Model *m, const int64_t *tokens, int64_t count, int64_t position, int64_t slot,
+                   float *logits, int64_t all_logits) {
     const int d = (int)m->hidden, hd = (int)m->head_dim, heads = (int)m->num_heads, kvh = (int)m->num_kv_heads;
     const int inter = (int)m->intermediate, widest = inter > heads * hd ? inter : heads * hd;
-    const int length = (int)slot + 1;
-    float *x = malloc(sizeof(float) * d), *xn = malloc(sizeof(float) * d), *tmp = malloc(sizeof(float) * d);
-    float *q = malloc(sizeof(float) * heads * hd), *k = malloc(sizeof(float) * kvh * hd);
-    float *v = malloc(sizeof(float) * kvh * hd), *att = malloc(sizeof(float) * heads * hd);
-    float *gate = malloc(sizeof(float) * inter), *up = malloc(sizeof(float) * inter);
-    float *scratch = malloc(sizeof(float) * (widest > d ? widest : d));
-    float *scores = malloc(sizeof(float) * (int64_t)heads * length);
-    const float *cos = m->rope_cos + position * hd, *sin = m->rope_sin + position * hd;
+    const int T = (int)count, span = (int)slot + T;  /* cache entries the last token sees */
+    float *x = malloc(sizeof(float) * T * d), *xn = malloc(sizeof(float) * T * d), *tmp = malloc(sizeof(float) * T * d);
+    float *q = malloc(sizeof(float) * T * heads * hd), *k = malloc(sizeof(float) * T * kvh * hd);
+    float *v = malloc(sizeof(float) * T * kvh * hd), *att = malloc(sizeof(float) * T * heads * hd);
+    float *gate = malloc(sizeof(float) * T * inter), *up = malloc(sizeof(float) * T * inter);
+    float *scratch = malloc(sizeof(float) * T * (widest > d ? widest : d));
+    float *scores = malloc(sizeof(float) * (int64_t)T * heads * span);
 
-    if (m->embed_kind == W_BF16) {
-        const uint16_t *row = (const uint16_t *)m->embed + token * d;
-        for (int i = 0; i < d; i++) {
-            union { uint32_t u; float f; } c = { (uint32_t)row[i] << 16 };
-            x[i] = c.f;
+    for (int t = 0; t < T; t++) {
+        if (m->embed_kind == W_BF16) {
+            const uint16_t *row = (const uint16_t *)m->embed + tokens[t] * d;
+            for (int i = 0; i < d; i++) {
+                union { uint32_t u; float f; } c = { (uint32_t)row[i] << 16 };
+                x[t * d + i] = c.f;
+            }
+        } else {
+            memcpy(x + t * d, (const float *)m->embed + tokens[t] * d, sizeof(float) * d);
         }
-    } else {
-        memcpy(x, (const float *)m->embed + token * d, sizeof(float) * d);
     }
     for (int64_t layer = 0; layer < m->num_layers; layer++) {
         const Layer *L = m->layers + layer;
-        rms_norm(x, L->input_norm, xn, d, m->eps);
-        linear(&L->q, xn, q, scratch);
-        linear(&L->k, xn, k, scratch);
-        linear(&L->v, xn, v, scratch);
-        rope(q, heads, hd, cos, sin);
-        rope(k, kvh, hd, cos, sin);
-        for (int h = 0; h < kvh; h++) {
-            memcpy(L->keys + ((int64_t)h * m->max_length + slot) * hd, k + h * hd, sizeof(float) * hd);
-            memcpy(L->values + ((int64_t)h * m->max_length + slot) * hd, v + h * hd, sizeof(float) * hd);
+        for (int t = 0; t < T; t++) rms_norm(x + t * d, L->input_norm, xn + t * d, d, m->eps);
+        linear(&L->q, xn, q, T, scratch);
+        linear(&L->k, xn, k, T, scratch);
+        linear(&L->v, xn, v, T, scratch);
+        for (int t = 0; t < T; t++) {
+            const float *cos = m->rope_cos + (position + t) * hd, *sin = m->rope_sin + (position + t) * hd;
+            rope(q + t * heads * hd, heads, hd, cos, sin);
+            rope(k + t * kvh * hd, kvh, hd, cos, sin);
+            for (int h = 0; h < kvh; h++) {
+                memcpy(L->keys + ((int64_t)h * m->max_length + slot + t) * hd, k + (t * kvh + h) * hd, sizeof(float) * hd);
+                memcpy(L->values + ((int64_t)h * m->max_length + slot + t) * hd, v + (t * kvh + h) * hd, sizeof(float) * hd);
+            }
         }
-        attend(q, L->keys, L->values, att, scores, heads, kvh, hd, (int)m->max_length, length);
-        linear(&L->o, att, tmp, scratch);
-        for (int i = 0; i < d; i++) x[i] += tmp[i];
-        rms_norm(x, L->post_attention_norm, xn, d, m->eps);
-        linear(&L->gate, xn, gate, scratch);
-        linear(&L->up, xn, up, scratch);
-        for (int i = 0; i < inter; i++) gate[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
-        linear(&L->down, gate, tmp, scratch);
-        for (int i = 0; i < d; i++) x[i] += tmp[i];
+        attend(q, L->keys, L->values, att, scores, T, heads, kvh, hd, (int)m->max_length, (int)slot + 1);
+        linear(&L->o, att, tmp, T, scratch);
+        for (int i = 0; i < T * d; i++) x[i] += tmp[i];
+        for (int t = 0; t < T; t++) rms_norm(x + t * d, L->post_attention_norm, xn + t * d, d, m->eps);
+        linear(&L->gate, xn, gate, T, scratch);
+        linear(&L->up, xn, up, T, scratch);
+        for (int i = 0; i < T * inter; i++) gate[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
+        linear(&L->down, gate, tmp, T, scratch);
+        for (int i = 0; i < T * d; i++) x[i] += tmp[i];
     }
-    rms_norm(x, m->final_norm, xn, d, m->eps);
-    linear(&m->lm_head, xn, logits, scratch);
+    const int first = all_logits ? 0 : T - 1;
+    for (int t = first; t < T; t++) rms_norm(x + t * d, m->final_norm, xn + t * d, d, m->eps);
+    linear(&m->lm_head, xn + first * d, logits, T - first, scratch);
     free(x); free(xn); free(tmp); free(q); free(k); free(v); free(att); free(gate); free(up); free(scratch);
     free(scores);
 }

@@ -153,10 +153,23 @@ static inline __m256 dot_u4_s8(__m256i codes, const int8_t *xq, float d, __m256 
 void gemv_q4(const float *x, const uint8_t *w, const float *scales, const float *offsets, float *y,
              int M, int N, int K, int G) {
     int groups = K / G, half = G / 2, blocks = K / 32;
-    int8_t *xq = malloc((size_t)M * K);
+    const int pairs = G == 32 ? groups / 2 : 0;  /* G = 32: two groups per 32-byte load (see below) */
+    int8_t *xq = malloc((size_t)M * K), *xp = malloc((size_t)M * K + 1);
     float *xd = malloc(sizeof(float) * (size_t)M * blocks), *xsum = malloc(sizeof(float) * (size_t)M * groups);
     for (int m = 0; m < M; m++) {
         quantize_q8_blocks(x + (int64_t)m * K, xq + (int64_t)m * K, xd + m * blocks, K);
+        /* For G = 32 the 32 bytes of groups 2p and 2p+1 hold codes 0-15 of each (low nibbles) and 16-31 (high):
+           lay the activations out to match, [x_2p[0:16], x_2p+1[0:16]] then [x_2p[16:32], x_2p+1[16:32]]. */
+        for (int p = 0; p < pairs; p++) {
+            const int8_t *src = xq + (int64_t)m * K + p * 64;
+            int8_t *dst = xp + (int64_t)m * K + p * 64;
+            for (int i = 0; i < 16; i++) {
+                dst[i] = src[i];
+                dst[16 + i] = src[32 + i];
+                dst[32 + i] = src[16 + i];
+                dst[48 + i] = src[48 + i];
+            }
+        }
         for (int g = 0; g < groups; g++) {
             float s = 0.f;
             for (int b = g * G / 32; b < (g + 1) * G / 32; b++) {
@@ -188,7 +201,23 @@ void gemv_q4(const float *x, const uint8_t *w, const float *scales, const float 
                 acc[r] = _mm256_setzero_ps();
                 off[r] = 0.f;
             }
-            for (int g = 0; g < groups; g++) {
+            for (int p = 0; p < pairs; p++) {  /* G = 32, groups 2p and 2p+1: lanes 0-3 and 4-7 */
+                const int8_t *xa = xp + (int64_t)m * K + p * 64;
+                const __m256i va = _mm256_loadu_si256((const __m256i *)xa);
+                const __m256i vb = _mm256_loadu_si256((const __m256i *)(xa + 32));
+                const __m256 d = _mm256_set_m128(_mm_set1_ps(dm[2 * p + 1]), _mm_set1_ps(dm[2 * p]));
+                for (int r = 0; r < ROWS; r++) {
+                    __m256i b = _mm256_loadu_si256((const __m256i *)(wr[r] + p * 32));
+                    _mm_prefetch((const char *)(wr[r] + (int64_t)ROWS * (K / 2) + p * 32), _MM_HINT_T0);
+                    __m256i p16 = _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(b, low), va),
+                                                   _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(b, 4), low), vb));
+                    __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)));
+                    __m256 s = _mm256_set_m128(_mm_set1_ps(sr[r][2 * p + 1]), _mm_set1_ps(sr[r][2 * p]));
+                    acc[r] = _mm256_fmadd_ps(dot, _mm256_mul_ps(d, s), acc[r]);
+                    off[r] += orow[r][2 * p] * sm[2 * p] + orow[r][2 * p + 1] * sm[2 * p + 1];
+                }
+            }
+            for (int g = 2 * pairs; g < groups; g++) {
                 const int k0 = g * G;
                 __m256 a[ROWS];
                 for (int r = 0; r < ROWS; r++) a[r] = _mm256_setzero_ps();
@@ -219,6 +248,7 @@ void gemv_q4(const float *x, const uint8_t *w, const float *scales, const float 
         }
     }
     free(xq);
+    free(xp);
     free(xd);
     free(xsum);
 }
