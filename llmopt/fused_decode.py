@@ -102,8 +102,13 @@ class FusedDecodeStep:
         if reason:
             raise InvalidParameterError(f"the fused decode step cannot run this model: {reason}")
         self.model = model
+        self._build()
+        self._call = cpu_kernels._load()[0].decode_tokens
+
+    def _build(self) -> None:
+        """The C structures: pointers to the model's weights, norms and RoPE tables (rebuilt if they move)."""
+        model, cfg = self.model, self.model.config
         self._keep: list[torch.Tensor] = []  # tensors made here whose pointers the structures hold
-        cfg = model.config
         embed = model.embed_tokens.weight.detach()
         self._layers = (Layer * cfg.num_layers)()
         self._struct = Model(
@@ -123,7 +128,7 @@ class FusedDecodeStep:
                 down=self._linear(mlp.down_proj))
         self._bound_cache = None
         self._address = ctypes.addressof(self._struct)
-        self._call = cpu_kernels._load()[0].decode_tokens
+        self._embed_pointer = embed.data_ptr()
 
     def _linear(self, module: nn.Module) -> Linear:
         if isinstance(module, cpu_kernels.QuantizedGemvLinear):
@@ -160,9 +165,15 @@ class FusedDecodeStep:
         count, slot = tokens.shape[1], cache.lengths[-1]
         positions = positions.reshape(-1)
         position = int(positions[0])
-        consecutive = count == 1 or (positions.numel() == count and int(positions[-1]) == position + count - 1)
+        consecutive = count == 1 or (positions.numel() == count
+                                     and torch.equal(positions, torch.arange(position, position + count)))
         if not consecutive or slot + count > cache.max_length or position + count > self.model.rope_cos.shape[0]:
             return self.model(tokens, positions, cache, last_only=last_only)  # the model (or its clear error)
+        if self.model.embed_tokens.weight.data_ptr() != self._embed_pointer:  # the weights moved (e.g. `.to()`)
+            reason = supported(self.model)
+            if reason:
+                raise InvalidParameterError(f"the fused decode step cannot run this model any more: {reason}")
+            self._build()
         if cache is not self._bound_cache:
             self._bind(cache)
         ids = tokens if tokens.dtype == torch.int64 and tokens.is_contiguous() else tokens.to(torch.int64).contiguous()

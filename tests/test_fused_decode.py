@@ -119,6 +119,19 @@ def test_steps_it_does_not_take_go_to_the_model_unchanged():
                                model(torch.tensor([[3]]), torch.tensor([2]), reference))
 
 
+def test_weights_moved_after_the_step_was_built_are_followed():
+    model = tiny_model()
+    step = FusedDecodeStep(model)
+    expected_cache, cache = prefilled(model, [1, 2, 3]), prefilled(model, [1, 2, 3])
+    with torch.inference_mode():
+        expected = model(torch.tensor([[4]]), torch.tensor([3]), expected_cache)
+        model.to(torch.float64).to(torch.float32)  # new storage for every weight: the old pointers are stale
+        torch.testing.assert_close(step(torch.tensor([[4]]), torch.tensor([3]), cache), expected, rtol=1e-4, atol=1e-4)
+        model.to(torch.bfloat16)
+        with pytest.raises(InvalidParameterError, match="any more"):
+            step(torch.tensor([[5]]), torch.tensor([4]), cache)
+
+
 def test_a_full_cache_raises_the_models_error():
     model = tiny_model()
     step = FusedDecodeStep(model)
