@@ -3,8 +3,9 @@
 A `Stack` switches each single-stream optimization on or off: KV cache, weight quantization, prompt (prefix)
 caching, the fused attention kernel ("flash attention": PyTorch's SDPA instead of naive attention) and
 speculative decoding (prompt lookup), and one step the document does not list: the fused decode step
-(`llmopt.fused_decode`, each one-token step a single C call instead of the model's PyTorch operators). Request batching changes throughput under concurrency rather than one
-request's speed, so it is measured as its own multiplier on the stacked model (`batching_gain`).
+(`llmopt.fused_decode`, each decode step a single C call instead of the model's PyTorch operators). Request
+batching changes throughput under concurrency rather than one request's speed, so it is measured as its own
+multiplier on the stacked model (`batching_gain`).
 
 The workload is the design document's prompt shape (system message + demonstrations + user question) whose user
 part asks to repeat a passage of the evaluation text, so prefix caching and prompt lookup both have something
@@ -251,8 +252,8 @@ def format_engines(model, tokenizer, gguf_path=None, threads: int = 2, directory
     engines = {}
     for ours, theirs in FORMAT_PAIRS:
         mine = our_format(model, ours)
-        use = "fused" if engine == "fused" and fused_decode.supported(mine) is None else "pytorch"
-        engines[f"llmopt {ours}"] = benchmark.ours(Decoder(mine, tokenizer, cache="static", engine=use))
+        engines[f"llmopt {ours}"] = benchmark.ours(Decoder(mine, tokenizer, cache="static",
+                                                           engine=fused_decode.engine_for(mine, engine)))
         if gguf_path is not None:
             engines[f"llama.cpp {theirs}"] = peers.llama_cpp_engine(
                 peers.llama_cpp_format(gguf_path, theirs, directory), threads)

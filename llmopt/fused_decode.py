@@ -93,6 +93,11 @@ def supported(model: nn.Module) -> str | None:
     return None
 
 
+def engine_for(model: nn.Module, wanted: str = "fused") -> str:
+    """The engine a `Decoder` of `model` runs on when `wanted` is asked for: 'fused' where it can, else 'pytorch'."""
+    return "fused" if wanted == "fused" and supported(model) is None else "pytorch"
+
+
 class FusedDecodeStep:
     """Callable like the model, `step(tokens, positions, cache, last_only=True)`: one C call when the step is
     1 to `cpu_kernels.MAX_ROWS` consecutive tokens of batch 1 into a fp32 `StaticCache`, the model otherwise."""

@@ -84,8 +84,9 @@ class Decoder:
 
     compile: run cached decode steps through `torch.compile` (prefill stays eager). Compilation happens on the
     first decode step; call `warm_up()` to pay it outside any timed region (it returns the seconds spent).
-    engine: 'pytorch' (the model's forward for every step) or 'fused' (`llmopt.fused_decode`: each one-token
-    decode step of a static cache is a single C call on the CPU kernels, the same math; prefill stays PyTorch).
+    engine: 'pytorch' (the model's forward for every step) or 'fused' (`llmopt.fused_decode`: each decode step of
+    1 to 16 tokens into the static cache is a single C call on the CPU kernels, the same math; prefill stays
+    PyTorch).
     prefix_cache: an `llmopt.prefix_cache.PrefixCache`; prefill then runs only on the uncached suffix.
     """
 
@@ -102,12 +103,9 @@ class Decoder:
         if prefix_cache is not None and cache in (None, "none"):
             raise InvalidParameterError("a prefix cache needs a KV cache: use cache='static' or 'dynamic'")
         self.decode_forward = torch.compile(model, dynamic=True) if compile else model
-        if engine == "fused":
-            from .fused_decode import FusedDecodeStep, supported
+        if engine == "fused":  # raises InvalidParameterError, with the reason, where it cannot run the model
+            from .fused_decode import FusedDecodeStep
 
-            reason = supported(model)
-            if reason:
-                raise InvalidParameterError(f"engine='fused' cannot run this model: {reason}")
             self.decode_forward = FusedDecodeStep(model)
         self.engine = engine
         self.prefix_cache = prefix_cache

@@ -7,7 +7,7 @@ import torch
 
 from llmopt import cpu_kernels, quantization
 from llmopt.errors import InvalidParameterError
-from llmopt.fused_decode import FusedDecodeStep, supported
+from llmopt.fused_decode import FusedDecodeStep, engine_for, supported
 from llmopt.generate import Decoder, GenerationConfig
 from llmopt.kv_cache import DynamicCache, StaticCache
 from llmopt.testing import tiny_model
@@ -149,5 +149,8 @@ def test_models_it_cannot_run_say_why():
         Decoder(tiny_model(), engine="turbo")
     with cpu_kernels.switched_off():
         assert "kernels" in supported(tiny_model())
+        assert engine_for(tiny_model()) == "pytorch"
     assert supported(tiny_model()) is None
+    assert engine_for(tiny_model()) == "fused" and engine_for(tiny_model(), "pytorch") == "pytorch"
+    assert engine_for(tiny_model(dtype=torch.bfloat16)) == "pytorch"
 
