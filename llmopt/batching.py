@@ -15,15 +15,18 @@ All four schedulers decode greedily with a KV cache and stop each request at EOS
   `max_batch` requests or the *oldest* queued request has waited `timeout_ms` (a backlog leaves at once instead of
   waiting for a new window).
 - `continuous` (iteration-level scheduling, Orca, OSDI'22; vLLM): a `SlotCache` holds `max_batch` sequences,
-  each in its own slot with its own length. Before every decode step, queued requests take free slots and their
-  prompts are prefilled straight into their slots, as vLLM's original scheduler runs prefills before decodes: a
-  lone joiner alone (batch 1, no padding: exactly what the sequential decoder computes), several joiners packed
-  end to end in one row with a block-diagonal causal mask (vLLM's varlen prefill: no padding, one large matrix
-  product instead of several small ones; each prompt's keys and values go to its slot);
-  chunked prefill (Sarathi-Serve, vLLM V1) would bound the stall a long prompt causes the others, but prompts
-  here are short. Every decode step then runs all active sequences, one token each, each at its own position
-  with a mask built from its own length; a finished sequence leaves the batch at once (the last slot is moved
-  into its hole so the active slots stay contiguous and the cache views need no copy).
+  each in its own slot with its own length, and every loop is one model call. Queued requests take free slots
+  and their prompts are prefilled straight into them; when sequences are already running, their next decode
+  step rides in the same forward as the joiners' prompts (`_SlotMixedStep`: Sarathi-Serve's piggybacking,
+  vLLM V1's mixed prefill/decode batches; one packed row, each query attending only its own slot), so a join
+  costs the running rows no decode step of their own (`mixed_steps=False`: the prefill runs alone first, as
+  vLLM's original scheduler). Joiners with nothing running: a lone joiner alone (batch 1, no padding: exactly
+  what the sequential decoder computes), several packed end to end in one row with a block-diagonal causal mask
+  (vLLM's varlen prefill: one large matrix product instead of several small ones). Chunked prefill would bound
+  the stall a long prompt causes the others, but prompts here are short. Otherwise every loop is a decode step
+  over all active sequences, one token each, each at its own position with a mask built from its own length; a
+  finished sequence leaves the batch at once (the last slot is moved into its hole so the active slots stay
+  contiguous and the cache views need no copy).
 
 What is measured, per request: arrival, start (dispatch), first token, last token and finish (answer
 available) times and the tokens; per run: generated tokens/s, latency and time-to-first-token percentiles, the
@@ -35,6 +38,7 @@ from __future__ import annotations
 
 import math
 import time
+from itertools import accumulate
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -95,7 +99,9 @@ class RunResult:
     useful_tokens: int  # real prompt tokens + the decode inputs of unfinished sequences
     decode_steps: int = 0
     decode_rows: int = 0  # sum over decode steps of the rows computed (padding rows included)
-    prefill_s: float = math.nan  # the part of forward_s spent in prefill calls
+    prefill_s: float = math.nan  # the part of forward_s spent in prefill calls (mixed steps included)
+    mixed_steps: int = 0  # continuous: forwards that ran the rows' decode step inside the joiners' prefill
+    mixed_rows: int = 0  # the decode rows those forwards computed
 
     @property
     def tokens(self) -> dict[int, list[int]]:
@@ -130,16 +136,19 @@ class RunResult:
             "ttft_p99_s": float(np.percentile(ttft, 99)),
             "queue_mean_s": float(np.mean([r.queue_s for r in self.records])),
             "forward_s": self.forward_s, "prefill_s": self.prefill_s, "busy_fraction": self.forward_s / self.wall_s,
-            # tokens from decode steps per second of decode forward time (prefill excluded)
-            "decode_tokens_per_s": (generated - len(self.records)) / (self.forward_s - self.prefill_s)
+            # tokens from decode-only forwards per second of their time (prefill and mixed steps excluded)
+            "decode_tokens_per_s": (generated - len(self.records) - self.mixed_rows) / (self.forward_s - self.prefill_s)
             if self.forward_s > self.prefill_s else math.nan,
             "forward_calls": self.forward_calls, "computed_tokens": self.computed_tokens,
             "useful_tokens": self.useful_tokens, "padded_tokens": padded,
             "padding_waste": padded / self.computed_tokens if self.computed_tokens else math.nan,
-            "mean_decode_rows": self.decode_rows / self.decode_steps if self.decode_steps else math.nan,
+            # every forward that advances running rows counts as a decode step (mixed steps included)
+            "mean_decode_rows": ((self.decode_rows + self.mixed_rows) / (self.decode_steps + self.mixed_steps)
+                                 if self.decode_steps + self.mixed_steps else math.nan),
             # decode inputs that belong to unfinished requests (each request's first token comes from prefill)
-            "useful_rows_per_decode_step": ((generated - len(self.records)) / self.decode_steps
-                                            if self.decode_steps else math.nan),
+            "useful_rows_per_decode_step": ((generated - len(self.records)) / (self.decode_steps + self.mixed_steps)
+                                            if self.decode_steps + self.mixed_steps else math.nan),
+            "mixed_steps": self.mixed_steps, "mixed_rows": self.mixed_rows,
             "forward_cpu_wall_ratio": cpu_ratio,
             "contended": threads > 1 and cpu_ratio < 0.5 * threads,
         }
@@ -268,6 +277,54 @@ class _SlotPackedPrefill:
         return k, v
 
 
+class _SlotMixedStep:
+    """A cache view for one forward that holds the active rows' decode step and the joiners' prefill, packed in
+    one row (Sarathi-Serve's piggybacking, vLLM V1's mixed batches): tokens [row 0 .. row R-1, joiner 0's prompt,
+    joiner 1's prompt, ...]. Row i's new key goes to slot i at its length, joiner j's keys to slot R + j. Every
+    query attends only its own slot's keys (gathered from the slots into one key row), a row all its cached keys
+    and its new one, a joiner's token the earlier tokens of its prompt: the decode rows share the joiners' large
+    matrix products instead of a decode step of their own."""
+
+    def __init__(self, slots: SlotCache, rows: int, joiner_lengths: list[int]):
+        device = slots.device
+        if rows + len(joiner_lengths) > slots.max_batch:
+            raise InvalidParameterError(f"{rows} rows and {len(joiner_lengths)} joiners exceed {slots.max_batch} slots")
+        lengths = slots.lengths[:rows]
+        if rows and max(lengths) + 1 > slots.max_length or max(joiner_lengths, default=0) > slots.max_length:
+            raise ContextLengthError(f"slot cache full: {slots.max_length} positions per slot")
+        self.slots, self.rows, self.joiner_lengths = slots, rows, joiner_lengths
+        query_slot = [i for i in range(rows)] + [rows + j for j, n in enumerate(joiner_lengths) for _ in range(n)]
+        query_position = lengths + [p for n in joiner_lengths for p in range(n)]
+        keys_held = [n + 1 for n in lengths] + joiner_lengths  # per slot, after this step's writes
+        key_slot = [s for s, n in enumerate(keys_held) for _ in range(n)]
+        key_position = [p for n in keys_held for p in range(n)]
+        self.query_slot = torch.tensor(query_slot, device=device)
+        query_position = torch.tensor(query_position, device=device)
+        self.key_slot, self.key_position = torch.tensor(key_slot, device=device), torch.tensor(key_position, device=device)
+        self.positions = query_position[None]
+        same_slot = self.query_slot[:, None] == self.key_slot[None, :]
+        self.mask = (same_slot & (self.key_position[None, :] <= query_position[:, None]))[None, None]
+        self.logits_at = torch.tensor(list(range(rows)) + [rows + e - 1 for e in accumulate(joiner_lengths)],
+                                      device=device)
+
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor):
+        keys, values = self.slots.keys[layer_idx], self.slots.values[layer_idx]  # [slots, Hkv, S, D]
+        new_keys, new_values = k[0].transpose(0, 1), v[0].transpose(0, 1)  # [N, Hkv, D]
+        query_position = self.positions[0]
+        keys[self.query_slot, :, query_position] = new_keys
+        values[self.query_slot, :, query_position] = new_values
+        gathered_keys = keys[self.key_slot, :, self.key_position].transpose(0, 1)[None]  # [1, Hkv, keys, D]
+        gathered_values = values[self.key_slot, :, self.key_position].transpose(0, 1)[None]
+        return gathered_keys, gathered_values
+
+    def finish(self) -> None:
+        """The slots' lengths after the step: one more key per row, each joiner's prompt."""
+        for i in range(self.rows):
+            self.slots.lengths[i] += 1
+        for j, n in enumerate(self.joiner_lengths):
+            self.slots.lengths[self.rows + j] = n
+
+
 class _Run:
     """The shared state of one run: the clock, the arrival queue, the records and the token counters."""
 
@@ -279,7 +336,7 @@ class _Run:
         self.waiting: deque[Request] = deque()
         self.records = {r.request_id: RequestRecord(r.request_id, len(r.prompt_ids), r.max_new_tokens, r.arrival_s)
                         for r in requests}
-        self.useful_tokens = self.decode_steps = self.decode_rows = 0
+        self.useful_tokens = self.decode_steps = self.decode_rows = self.mixed_steps = self.mixed_rows = 0
         self.t0 = time.perf_counter()
 
     def now(self) -> float:
@@ -451,7 +508,20 @@ def _prefill_joiners(model, slots: SlotCache, first_slot: int, joiners: list[Req
     return logits[0].argmax(dim=-1).tolist()
 
 
-def _continuous(run: _Run, max_length: int) -> None:
+def _mixed_step(model, slots: SlotCache, last_tokens: list[int], joiners: list[Request]) -> tuple[list[int], list[int]]:
+    """One forward for the active rows' decode step and the joiners' prefill together (`_SlotMixedStep`); the
+    rows' next tokens and the joiners' first tokens."""
+    rows = len(last_tokens)
+    view = _SlotMixedStep(slots, rows, [len(r.prompt_ids) for r in joiners])
+    tokens = torch.tensor([last_tokens + [t for r in joiners for t in r.prompt_ids]], device=slots.device)
+    logits = model(tokens, view.positions, view, view.mask, logits_at=view.logits_at)
+    view.finish()
+    next_tokens = logits[0].argmax(dim=-1).tolist()
+    return next_tokens[:rows], next_tokens[rows:]
+
+
+def _continuous(run: _Run, max_length: int, mixed: bool = True) -> None:
+    """Iteration-level scheduling: every loop is one model call over the active rows and/or the joiners."""
     model, device = run.model, run.device
     slots = SlotCache(model.config, run.max_batch, max_length, run.dtype, device)
     positions = torch.arange(max_length, device=device)
@@ -460,45 +530,48 @@ def _continuous(run: _Run, max_length: int) -> None:
     with torch.inference_mode():
         while run.busy or active:
             run.admit()
-            while run.waiting and len(active) < run.max_batch:  # joiners: prefilled into free slots
-                joiners = [run.waiting.popleft() for _ in range(min(len(run.waiting), run.max_batch - len(active)))]
-                first_slot = len(active)
-                start = run.now()
-                first_tokens = _prefill_joiners(model, slots, first_slot, joiners, positions)
-                t = run.now()
-                for i, (request, token_id) in enumerate(zip(joiners, first_tokens)):
-                    record = run.records[request.request_id]
-                    record.start_s = start
-                    run.useful_tokens += len(request.prompt_ids)
-                    if run.emit(record, token_id, t):
-                        record.finish_s = record.last_token_s
-                        record.completions += 1
-                        continue
-                    if first_slot + i != len(active):  # a joiner before it finished at once: close the gap
-                        slots.move(first_slot + i, len(active))
-                    active.append(record)
-                    last_tokens.append(token_id)
-                run.admit()
-            if not active:
+            joiners = run.take(run.max_batch - len(active))
+            if not joiners and not active:
                 run.sleep_until(run.next_arrival_s)
                 continue
+            start = run.now()
             rows = len(active)
-            step_positions, mask = slots.begin_decode(rows)
-            logits = model(torch.tensor(last_tokens, device=device)[:, None], step_positions, slots, mask,
-                           last_only=True)
-            slots.end_decode()
-            run.useful_tokens += rows
-            run.decode_steps += 1
-            run.decode_rows += rows
-            next_tokens = logits[:, -1].argmax(dim=-1).tolist()
+            if joiners and (not active or not mixed):  # prefill alone (before the rows' next decode step)
+                first_tokens, next_tokens = _prefill_joiners(model, slots, rows, joiners, positions), None
+            elif joiners:  # the rows' decode step rides on the joiners' prefill
+                next_tokens, first_tokens = _mixed_step(model, slots, last_tokens, joiners)
+                run.mixed_steps += 1
+                run.mixed_rows += rows
+            else:
+                step_positions, mask = slots.begin_decode(rows)
+                logits = model(torch.tensor(last_tokens, device=device)[:, None], step_positions, slots, mask,
+                               last_only=True)
+                slots.end_decode()
+                run.decode_steps += 1
+                run.decode_rows += rows
+                next_tokens, first_tokens = logits[:, -1].argmax(dim=-1).tolist(), []
             t = run.now()
             finished = []
-            for i, token_id in enumerate(next_tokens):
-                last_tokens[i] = token_id
-                if run.emit(active[i], token_id, t):
-                    active[i].finish_s = t
-                    active[i].completions += 1
-                    finished.append(i)
+            if next_tokens is not None:
+                run.useful_tokens += rows
+                for i, token_id in enumerate(next_tokens):
+                    last_tokens[i] = token_id
+                    if run.emit(active[i], token_id, t):
+                        active[i].finish_s = t
+                        active[i].completions += 1
+                        finished.append(i)
+            for i, (request, token_id) in enumerate(zip(joiners, first_tokens)):
+                record = run.records[request.request_id]
+                record.start_s = start
+                run.useful_tokens += len(request.prompt_ids)
+                if run.emit(record, token_id, t):
+                    record.finish_s = record.last_token_s
+                    record.completions += 1
+                    continue
+                if rows + i != len(active):  # a joiner before it finished at once: close the gap
+                    slots.move(rows + i, len(active))
+                active.append(record)
+                last_tokens.append(token_id)
             for i in reversed(finished):  # leave at once: the last active slot fills the hole
                 last = len(active) - 1
                 if i != last:
@@ -509,11 +582,14 @@ def _continuous(run: _Run, max_length: int) -> None:
 
 
 def run(scheduler: str, model, requests: Sequence[Request], max_batch: int = 8, timeout_ms: float = 50.0,
-        eos_token_ids: Sequence[int] | None = None, tokenizer=None, pad_token_id: int = 0) -> RunResult:
+        eos_token_ids: Sequence[int] | None = None, tokenizer=None, pad_token_id: int = 0,
+        mixed_steps: bool = True) -> RunResult:
     """Serve `requests` (arriving at their `arrival_s`) with `scheduler`, greedy, and measure the run.
 
     eos_token_ids: as `Decoder` (None: the model's and the tokenizer's EOS). The static/dynamic batch size and
-    the continuous slot count are `max_batch`; `timeout_ms` is the static window / dynamic oldest-wait limit."""
+    the continuous slot count are `max_batch`; `timeout_ms` is the static window / dynamic oldest-wait limit.
+    mixed_steps (continuous): joiners' prefill and the active rows' decode step in one forward (False: the
+    prefill runs alone, then the decode step, as vLLM's original scheduler)."""
     if scheduler not in SCHEDULERS:
         raise InvalidParameterError(f"unknown scheduler {scheduler!r}; use one of {', '.join(SCHEDULERS)}")
     if max_batch < 1 or timeout_ms < 0:
@@ -540,10 +616,10 @@ def run(scheduler: str, model, requests: Sequence[Request], max_batch: int = 8, 
         elif scheduler == "dynamic":
             _dynamic(state, pad_token_id)
         else:
-            _continuous(state, max(len(r.prompt_ids) + r.max_new_tokens for r in requests))
+            _continuous(state, max(len(r.prompt_ids) + r.max_new_tokens for r in requests), mixed_steps)
         synchronize(state.device)
         wall_s = state.now()
     records = sorted(state.records.values(), key=lambda r: r.request_id)
     return RunResult(scheduler, state.max_batch, timeout_ms, records, wall_s, meter.seconds, meter.cpu_seconds,
                      meter.calls, meter.tokens, state.useful_tokens, state.decode_steps, state.decode_rows,
-                     meter.prefill_seconds)
+                     meter.prefill_seconds, state.mixed_steps, state.mixed_rows)

@@ -24,7 +24,12 @@ from .workload import Request, Workload
 METRICS = ["tokens_per_s", "decode_tokens_per_s", "requests_per_s", "wall_s", "latency_p50_s", "latency_p95_s",
            "latency_p99_s", "ttft_p50_s", "ttft_p95_s", "queue_mean_s", "busy_fraction", "padding_waste",
            "mean_decode_rows", "useful_rows_per_decode_step", "prefill_s", "forward_s", "generated_tokens",
-           "useful_tokens", "padded_tokens", "forward_cpu_wall_ratio"]
+           "useful_tokens", "padded_tokens", "forward_cpu_wall_ratio", "mixed_steps"]
+
+
+PREFILL_ALONE = "continuous, prefill alone"  # continuous without mixed steps: an ablation of `_SlotMixedStep`
+VARIANTS = {PREFILL_ALONE: ("continuous", {"mixed_steps": False})}  # label -> (scheduler, run() options)
+ORDER = (*SCHEDULERS, PREFILL_ALONE)
 
 
 def configurations(concurrencies: Sequence[int], schedulers: Sequence[str] = SCHEDULERS) -> list[tuple[str, int]]:
@@ -37,14 +42,16 @@ def run_grid(model, workloads: dict[str, Workload], configs: Sequence[tuple[str,
              timeout_ms: float = 50.0, tokenizer=None, progress: bool = True) -> tuple[pd.DataFrame, dict]:
     """Run every configuration on every workload `repeats` times; (one stats row per run, {key: RunResult}).
 
-    Keys are (workload label, scheduler, max_batch, repeat)."""
+    Keys are (workload label, scheduler, max_batch, repeat); a scheduler may be a label of `VARIANTS`."""
     rows, runs = [], {}
     bar = tqdm(total=repeats * len(workloads) * len(configs), desc="batching runs", disable=not progress,
                leave=False)
     for repeat in range(repeats):
         for label, wl in workloads.items():
             for scheduler, max_batch in configs:
-                result = run(scheduler, model, wl.requests, max_batch, timeout_ms, tokenizer=tokenizer)
+                name, options = VARIANTS.get(scheduler, (scheduler, {}))
+                result = run(name, model, wl.requests, max_batch, timeout_ms, tokenizer=tokenizer, **options)
+                result.scheduler = scheduler  # a variant keeps its label in the tables
                 runs[(label, scheduler, max_batch, repeat)] = result
                 rows.append({"workload": label, "arrival": wl.params.arrival, "rate_per_s": wl.params.rate_per_s,
                              "repeat": repeat, **result.stats()})
@@ -81,6 +88,14 @@ def paired_ratios(frame: pd.DataFrame) -> pd.Series:
         frame[["workload", "scheduler", "max_batch"]]), name="throughput_vs_sequential")
 
 
+def paired_scheduler_ratio(frame: pd.DataFrame, scheduler: str, baseline: str, max_batch: int,
+                           workload: str = "burst") -> pd.Series:
+    """Throughput of `scheduler` over `baseline` at `max_batch` on one workload, one ratio per repeat (the two runs
+    of a repeat are interleaved, minutes apart at most)."""
+    rows = frame[(frame.workload == workload) & (frame.max_batch == max_batch)].set_index(["scheduler", "repeat"])
+    return (rows.loc[scheduler].tokens_per_s / rows.loc[baseline].tokens_per_s).rename(f"{scheduler} / {baseline}")
+
+
 def by_concurrency(summary: pd.DataFrame, concurrencies: Sequence[int],
                    single: pd.DataFrame | None = None) -> pd.DataFrame:
     """One row per (concurrency, scheduler): the sequential row repeated at every concurrency (its schedule does
@@ -90,7 +105,7 @@ def by_concurrency(summary: pd.DataFrame, concurrencies: Sequence[int],
         source = single if c == 1 and single is not None else summary
         parts.append(source[(source.max_batch == c) | (source.scheduler == "sequential")].assign(concurrency=c))
     table = pd.concat(parts, ignore_index=True).drop(columns="max_batch")
-    order = {s: i for i, s in enumerate(SCHEDULERS)}
+    order = {s: i for i, s in enumerate(ORDER)}
     return table.sort_values(["concurrency", "scheduler"], key=lambda col: col.map(order) if col.name ==
                              "scheduler" else col).reset_index(drop=True)
 

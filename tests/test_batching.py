@@ -146,6 +146,56 @@ def test_slot_cache_rows_write_at_their_own_lengths(tiny):
     assert slots.lengths[0] == 3 and slots.keys[0][0, 0, 2, 0] == 3
 
 
+def test_mixed_step_equals_a_decode_step_and_a_separate_prefill(tiny):
+    """Rows' decode step and joiners' prefill in one forward: the same logits and cache as running them apart."""
+    cfg = tiny.config
+    gen = torch.Generator().manual_seed(0)
+    held = [torch.randint(0, cfg.vocab_size, (n,), generator=gen).tolist() for n in (3, 7)]  # running rows
+    joiners = [torch.randint(0, cfg.vocab_size, (n,), generator=gen).tolist() for n in (5, 1, 4)]
+    last = [11, 42]
+
+    def running_slots():
+        slots = batching.SlotCache(cfg, max_batch=5, max_length=16)
+        with torch.inference_mode():
+            for slot, prompt in enumerate(held):
+                tiny(torch.tensor([prompt]), torch.arange(len(prompt)), slots.prefill_view(slot), last_only=True)
+        return slots
+
+    apart = running_slots()
+    with torch.inference_mode():
+        positions, mask = apart.begin_decode(2)
+        decode_logits = tiny(torch.tensor(last)[:, None], positions, apart, mask, last_only=True)[:, -1]
+        apart.end_decode()
+        prefill_logits = [tiny(torch.tensor([p]), torch.arange(len(p)), apart.prefill_view(2 + j),
+                               last_only=True)[0, -1] for j, p in enumerate(joiners)]
+    together = running_slots()
+    view = batching._SlotMixedStep(together, 2, [len(p) for p in joiners])
+    tokens = torch.tensor([last + [t for p in joiners for t in p]])
+    with torch.inference_mode():
+        logits = tiny(tokens, view.positions, view, view.mask, logits_at=view.logits_at)[0]
+    view.finish()
+    torch.testing.assert_close(logits[:2], decode_logits, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(logits[2:], torch.stack(prefill_logits), rtol=1e-4, atol=1e-5)
+    assert together.lengths == apart.lengths == [4, 8, 5, 1, 4]
+    for layer in range(cfg.num_layers):
+        for slot, n in enumerate(together.lengths):
+            torch.testing.assert_close(together.keys[layer][slot, :, :n], apart.keys[layer][slot, :, :n],
+                                       rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(together.values[layer][slot, :, :n], apart.values[layer][slot, :, :n],
+                                       rtol=1e-4, atol=1e-5)
+
+
+def test_continuous_with_and_without_mixed_steps(tiny, mixed):
+    wl, eos, expected = mixed
+    with_mixed = batching.run("continuous", tiny, wl.requests, max_batch=3, eos_token_ids=eos)
+    alone = batching.run("continuous", tiny, wl.requests, max_batch=3, eos_token_ids=eos, mixed_steps=False)
+    assert with_mixed.tokens == alone.tokens == expected
+    assert with_mixed.mixed_steps > 0 and with_mixed.mixed_rows >= with_mixed.mixed_steps
+    assert alone.mixed_steps == 0
+    # a mixed step replaces a prefill call plus a decode step: fewer forwards for the same tokens
+    assert with_mixed.forward_calls < alone.forward_calls
+
+
 def test_bad_input_raises_readable_errors(tiny):
     pool = workload.random_pool(tiny.config.vocab_size, 2, 2, 3)
     requests = workload.make_workload(pool, 2).requests
@@ -198,6 +248,13 @@ def test_benchmark_helpers_on_a_small_grid(tiny):
     assert len(frame) == 2 * 7 and set(frame.scheduler) == set(batching.SCHEDULERS)
     checks = bench.equivalence(runs)
     assert (checks.identical == checks.requests).all()
+    ablation, ablation_runs = bench.run_grid(tiny, {"burst": wl}, [("continuous", 2), (bench.PREFILL_ALONE, 2)],
+                                             repeats=2, timeout_ms=0, progress=False)
+    assert ablation_runs[("burst", bench.PREFILL_ALONE, 2, 0)].mixed_steps == 0
+    assert ablation_runs[("burst", "continuous", 2, 0)].mixed_steps > 0
+    ratio = bench.paired_scheduler_ratio(ablation, "continuous", bench.PREFILL_ALONE, 2)
+    assert len(ratio) == 2 and (ratio > 0).all()
+    assert ratio.iloc[1] == ablation.tokens_per_s.iloc[2] / ablation.tokens_per_s.iloc[3]
     summary = bench.summarize(frame)
     sequential = summary[summary.scheduler == "sequential"]
     assert (sequential.throughput_vs_sequential == 1).all()
