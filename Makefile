@@ -3,7 +3,8 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-PIP := $(PY) -m pip --disable-pip-version-check -q
+# --no-compile: no bytecode for every installed file (~1 min of the bootstrap); Python compiles what it imports
+PIP := $(PY) -m pip --disable-pip-version-check -q --no-compile
 TORCH ?= torch==2.13.0
 
 .PHONY: report test test-fast setup peers clean-reports
