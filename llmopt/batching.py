@@ -257,47 +257,31 @@ class _SlotPrefill:
         return self.slots.keys[layer_idx][s:s + 1, :, :n], self.slots.values[layer_idx][s:s + 1, :, :n]
 
 
-class _SlotPackedPrefill:
-    """A cache view for joiners' prompts packed end to end in one row (no padding: vLLM's varlen prefill):
-    segment i's keys and values go to slot `first + i`; attention inside the prefill runs over the packed row
-    itself with a block-diagonal causal mask, so no prompt sees another."""
-
-    def __init__(self, slots: SlotCache, first: int, lengths: list[int]):
-        self.slots, self.first, self.lengths = slots, first, lengths
-
-    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor):
-        start = 0
-        for i, n in enumerate(self.lengths):
-            slot = self.first + i
-            self.slots.keys[layer_idx][slot, :, :n] = k[0, :, start:start + n]
-            self.slots.values[layer_idx][slot, :, :n] = v[0, :, start:start + n]
-            if layer_idx == len(self.slots.keys) - 1:
-                self.slots.lengths[slot] = n
-            start += n
-        return k, v
-
-
 class _SlotMixedStep:
-    """A cache view for one forward that holds the active rows' decode step and the joiners' prefill, packed in
-    one row (Sarathi-Serve's piggybacking, vLLM V1's mixed batches): tokens [row 0 .. row R-1, joiner 0's prompt,
-    joiner 1's prompt, ...]. Row i's new key goes to slot i at its length, joiner j's keys to slot R + j. Every
-    query attends only its own slot's keys (gathered from the slots into one key row), a row all its cached keys
-    and its new one, a joiner's token the earlier tokens of its prompt: the decode rows share the joiners' large
+    """A cache view for one forward of the running rows' decode step and/or the joiners' prefill, packed end to
+    end in one row (no padding: vLLM's varlen prefill; with rows, Sarathi-Serve's piggybacking and vLLM V1's mixed
+    batches): tokens [row 0 .. row R-1, joiner 0's prompt, joiner 1's prompt, ...]. Row i's new key goes to slot i
+    at its length, joiner j's keys to slot `first_slot + j` (default R). Every query attends only its own slot's
+    keys (gathered from the slots into one key row), a row all its cached keys and its new one, a joiner's token
+    the earlier tokens of its prompt (a block-diagonal causal mask): the decode rows share the joiners' large
     matrix products instead of a decode step of their own."""
 
-    def __init__(self, slots: SlotCache, rows: int, joiner_lengths: list[int]):
+    def __init__(self, slots: SlotCache, rows: int, joiner_lengths: list[int], first_slot: int | None = None):
         device = slots.device
-        if rows + len(joiner_lengths) > slots.max_batch:
-            raise InvalidParameterError(f"{rows} rows and {len(joiner_lengths)} joiners exceed {slots.max_batch} slots")
+        first_slot = rows if first_slot is None else first_slot
+        if first_slot < rows or first_slot + len(joiner_lengths) > slots.max_batch:
+            raise InvalidParameterError(f"{len(joiner_lengths)} joiners from slot {first_slot} do not fit "
+                                        f"{slots.max_batch} slots beside {rows} rows")
         lengths = slots.lengths[:rows]
         if rows and max(lengths) + 1 > slots.max_length or max(joiner_lengths, default=0) > slots.max_length:
             raise ContextLengthError(f"slot cache full: {slots.max_length} positions per slot")
-        self.slots, self.rows, self.joiner_lengths = slots, rows, joiner_lengths
-        query_slot = [i for i in range(rows)] + [rows + j for j, n in enumerate(joiner_lengths) for _ in range(n)]
+        self.slots, self.rows, self.joiner_lengths, self.first_slot = slots, rows, joiner_lengths, first_slot
+        joiner_slots = [first_slot + j for j in range(len(joiner_lengths))]
+        query_slot = list(range(rows)) + [s for s, n in zip(joiner_slots, joiner_lengths) for _ in range(n)]
         query_position = lengths + [p for n in joiner_lengths for p in range(n)]
-        keys_held = [n + 1 for n in lengths] + joiner_lengths  # per slot, after this step's writes
-        key_slot = [s for s, n in enumerate(keys_held) for _ in range(n)]
-        key_position = [p for n in keys_held for p in range(n)]
+        keys_held = list(zip(range(rows), [n + 1 for n in lengths])) + list(zip(joiner_slots, joiner_lengths))
+        key_slot = [s for s, n in keys_held for _ in range(n)]  # per slot, its keys after this step's writes
+        key_position = [p for _, n in keys_held for p in range(n)]
         self.query_slot = torch.tensor(query_slot, device=device)
         query_position = torch.tensor(query_position, device=device)
         self.key_slot, self.key_position = torch.tensor(key_slot, device=device), torch.tensor(key_position, device=device)
@@ -322,7 +306,7 @@ class _SlotMixedStep:
         for i in range(self.rows):
             self.slots.lengths[i] += 1
         for j, n in enumerate(self.joiner_lengths):
-            self.slots.lengths[self.rows + j] = n
+            self.slots.lengths[self.first_slot + j] = n
 
 
 class _Run:
@@ -418,18 +402,6 @@ def padded_batch_inputs(prompts: Sequence[Sequence[int]], pad_token_id: int = 0,
     return tokens, positions, mask[:, None], pads
 
 
-def packed_inputs(prompts: Sequence[Sequence[int]], device="cpu"):
-    """Prompts end to end in one row: tokens [1, N], positions [1, N] (each prompt from 0), a block-diagonal causal
-    mask [1, 1, N, N] (a token sees the earlier tokens of its own prompt) and the index of each prompt's last token."""
-    lengths = torch.tensor([len(p) for p in prompts], device=device)
-    tokens = torch.tensor([[t for p in prompts for t in p]], device=device)
-    segment = torch.repeat_interleave(torch.arange(len(prompts), device=device), lengths)
-    starts = torch.cumsum(lengths, 0) - lengths
-    positions = torch.arange(tokens.shape[1], device=device) - starts[segment]
-    mask = (segment[:, None] == segment[None, :]) & causal_mask(tokens.shape[1], tokens.shape[1], device)
-    return tokens, positions[None], mask[None, None], torch.cumsum(lengths, 0) - 1
-
-
 def _run_padded_batch(run: _Run, batch: list[Request], pad_token_id: int) -> None:
     """Prefill a left-padded batch, then decode every row until the longest request is done."""
     model, device = run.model, run.device
@@ -501,18 +473,16 @@ def _prefill_joiners(model, slots: SlotCache, first_slot: int, joiners: list[Req
         prompt = torch.tensor([joiners[0].prompt_ids], device=slots.device)
         logits = model(prompt, positions[:prompt.shape[1]], slots.prefill_view(first_slot), last_only=True)
         return [int(logits[0, -1].argmax())]
-    prompts = [r.prompt_ids for r in joiners]
-    tokens, row_positions, mask, ends = packed_inputs(prompts, slots.device)
-    view = _SlotPackedPrefill(slots, first_slot, [len(p) for p in prompts])
-    logits = model(tokens, row_positions, view, mask, logits_at=ends)
-    return logits[0].argmax(dim=-1).tolist()
+    return _mixed_step(model, slots, [], joiners, first_slot)[1]  # several: packed in one row
 
 
-def _mixed_step(model, slots: SlotCache, last_tokens: list[int], joiners: list[Request]) -> tuple[list[int], list[int]]:
-    """One forward for the active rows' decode step and the joiners' prefill together (`_SlotMixedStep`); the
-    rows' next tokens and the joiners' first tokens."""
+def _mixed_step(model, slots: SlotCache, last_tokens: list[int], joiners: list[Request],
+                first_slot: int | None = None) -> tuple[list[int], list[int]]:
+    """One packed forward for the rows' decode step (`last_tokens`: one per slot 0 .. R-1, may be empty) and the
+    joiners' prefill into slots first_slot, first_slot + 1, ... (`_SlotMixedStep`); the rows' next tokens and
+    the joiners' first tokens."""
     rows = len(last_tokens)
-    view = _SlotMixedStep(slots, rows, [len(r.prompt_ids) for r in joiners])
+    view = _SlotMixedStep(slots, rows, [len(r.prompt_ids) for r in joiners], first_slot)
     tokens = torch.tensor([last_tokens + [t for r in joiners for t in r.prompt_ids]], device=slots.device)
     logits = model(tokens, view.positions, view, view.mask, logits_at=view.logits_at)
     view.finish()

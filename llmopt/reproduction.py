@@ -21,7 +21,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pandas as pd
-import torch
 
 from . import harness
 from .errors import InvalidParameterError
@@ -312,7 +311,7 @@ def _measure_quantization(model, tokenizer, s: dict) -> pd.DataFrame:
     variant = qv.quantized(model, s["variant"], s["method"], bits=s["bits"], group_size=s["group_size"], **head)
     if variant.skipped:
         raise InvalidParameterError(f"{s['variant']}: {variant.skipped}")
-    models = {"fp32": qv.dense(model, "fp32", torch.float32).model, s["variant"]: variant.model}
+    models = {"fp32": model, s["variant"]: variant.model}  # compared only when 03's dtype is this run's (fp32)
     engines = {name + PYTORCH_ENGINE: benchmark.ours(Decoder(m, tokenizer, cache="static"))
                for name, m in models.items()}
     return benchmark.compare(engines, [s["prompt_tokens"]], s["new_tokens"], tokenizer, s["repeats"], s["warmup"],

@@ -321,24 +321,26 @@ def test_schedulers_keep_the_tokens_on_our_cpu_kernels(tiny, mixed, scheduler):
     assert result.tokens == reference_tokens(model, wl.requests, eos)
 
 
-def test_packed_inputs_keep_each_prompt_to_itself():
-    tokens, positions, mask, ends = batching.packed_inputs([[5, 6, 7], [8], [9, 10]])
-    assert tokens.tolist() == [[5, 6, 7, 8, 9, 10]]
-    assert positions.tolist() == [[0, 1, 2, 0, 0, 1]]
-    assert ends.tolist() == [2, 3, 5]
+def test_packed_prefill_keeps_each_prompt_to_itself(tiny):
+    view = batching._SlotMixedStep(batching.SlotCache(tiny.config, 4, 8), 0, [3, 1, 2], first_slot=1)
+    assert view.positions.tolist() == [[0, 1, 2, 0, 0, 1]]
+    assert view.logits_at.tolist() == [2, 3, 5]
     expected = torch.zeros(6, 6, dtype=torch.bool)
     for start, n in ((0, 3), (3, 1), (4, 2)):
         expected[start:start + n, start:start + n] = torch.ones(n, n, dtype=torch.bool).tril()
-    assert torch.equal(mask[0, 0], expected)
+    assert torch.equal(view.mask[0, 0], expected)
 
 
 def test_packed_prefill_logits_equal_each_prompt_alone(tiny):
     """Three prompts in one packed row give, at each prompt's end, the logits of that prompt run alone."""
     prompts = [[3, 4, 5, 6], [7, 8], [9, 10, 11]]
-    tokens, positions, mask, ends = batching.packed_inputs(prompts)
     slots = batching.SlotCache(tiny.config, 3, 8)
+    view = batching._SlotMixedStep(slots, 0, [4, 2, 3])
+    tokens = torch.tensor([[t for p in prompts for t in p]])
+    assert tokens.tolist() == [[3, 4, 5, 6, 7, 8, 9, 10, 11]]
     with torch.inference_mode():
-        packed = tiny(tokens, positions, batching._SlotPackedPrefill(slots, 0, [4, 2, 3]), mask, logits_at=ends)
+        packed = tiny(tokens, view.positions, view, view.mask, logits_at=view.logits_at)
+        view.finish()
         for i, prompt in enumerate(prompts):
             alone = tiny(torch.tensor([prompt]), torch.arange(len(prompt)), None, last_only=True)
             torch.testing.assert_close(packed[0, i], alone[0, -1], rtol=1e-5, atol=1e-5)
