@@ -78,6 +78,8 @@ def _dispatch(args) -> int:
     for r in runs:
         status = f"ok    {r.seconds:6.1f} s  {r.html_path}" if r.ok else f"FAILED {r.seconds:5.1f} s  {r.error}"
         print(f"{r.name:28s} {status}")
+        for seconds, line in r.slowest_cells:
+            print(f"{'':28s}   cell {seconds:6.1f} s  {line}")
     print(f"total {time.perf_counter() - start:.1f} s; index: {(Path(args.reports_dir) if args.reports_dir else REPORTS_DIR) / 'index.html'}")
     return 0 if all(r.ok for r in runs) else 1
 

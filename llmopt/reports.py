@@ -11,7 +11,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .environment import REPO_ROOT, environment
@@ -28,6 +28,7 @@ class NotebookRun:
     seconds: float
     html_path: Path | None = None
     error: str = ""
+    slowest_cells: list[tuple[float, str]] = field(default_factory=list)  # (seconds, first source line), slowest first
 
 
 def discover(names: list[str] | None = None, notebooks_dir: Path = NOTEBOOKS_DIR) -> list[Path]:
@@ -67,13 +68,25 @@ def run_notebook(path: Path, parameters: dict, reports_dir: Path = REPORTS_DIR,
         except Exception as exc:  # noqa: BLE001 - reported as one line, no report written
             return NotebookRun(path.stem, False, time.perf_counter() - start, error=_error_line(exc))
         notebook = nbformat.read(str(executed), as_version=4)
+        slowest = cell_seconds(notebook)[:3]
         body, _ = HTMLExporter(exclude_input_prompt=True, exclude_output_prompt=True).from_notebook_node(notebook)
         reports_dir.mkdir(parents=True, exist_ok=True)
         staged = Path(tmp) / f"{path.stem}.html"
         staged.write_text(body)
         target = reports_dir / f"{path.stem}.html"
         shutil.move(str(staged), str(target))
-    return NotebookRun(path.stem, True, time.perf_counter() - start, html_path=target)
+    return NotebookRun(path.stem, True, time.perf_counter() - start, html_path=target, slowest_cells=slowest)
+
+
+def cell_seconds(notebook) -> list[tuple[float, str]]:
+    """(seconds, first non-blank source line) of every code cell papermill timed, slowest first."""
+    timed = []
+    for cell in notebook.cells:
+        duration = cell.get("metadata", {}).get("papermill", {}).get("duration")
+        if cell.cell_type == "code" and duration is not None:
+            first = next((line.strip() for line in cell.source.splitlines() if line.strip()), "")
+            timed.append((float(duration), first[:60]))
+    return sorted(timed, reverse=True)
 
 
 def read_headlines(results_dir: Path) -> dict[str, dict]:

@@ -100,3 +100,16 @@ def test_readme_headline_block_is_generated_with_the_plot(tmp_path):
     reports.update_readme(results, readme)
     text = readme.read_text()
     assert f"{reports.README_PLOT})" in text and text.startswith("top\n") and text.endswith("bottom\n")
+
+
+def test_cell_seconds_reads_papermill_durations_slowest_first():
+    import nbformat
+
+    from llmopt.reports import cell_seconds
+
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_markdown_cell("# title"), nbformat.v4.new_code_cell("\nfast = 1"),
+                nbformat.v4.new_code_cell("slow = 2\nmore = 3"), nbformat.v4.new_code_cell("untimed = 4")]
+    nb.cells[1].metadata["papermill"] = {"duration": 0.5}
+    nb.cells[2].metadata["papermill"] = {"duration": 12.25}
+    assert cell_seconds(nb) == [(12.25, "slow = 2"), (0.5, "fast = 1")]
