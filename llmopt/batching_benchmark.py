@@ -39,16 +39,24 @@ def configurations(concurrencies: Sequence[int], schedulers: Sequence[str] = SCH
 
 
 def run_grid(model, workloads: dict[str, Workload], configs: Sequence[tuple[str, int]], repeats: int = 1,
-             timeout_ms: float = 50.0, tokenizer=None, progress: bool = True) -> tuple[pd.DataFrame, dict]:
+             timeout_ms: float = 50.0, tokenizer=None, progress: bool = True,
+             repeat_only: Sequence[int] | None = None) -> tuple[pd.DataFrame, dict]:
     """Run every configuration on every workload `repeats` times; (one stats row per run, {key: RunResult}).
 
-    Keys are (workload label, scheduler, max_batch, repeat); a scheduler may be a label of `VARIANTS`."""
+    Keys are (workload label, scheduler, max_batch, repeat); a scheduler may be a label of `VARIANTS`.
+    `repeat_only`: after the first round, only the configurations at these max_batch values run again (with the
+    sequential baseline, which every ratio is paired with); None: all of them."""
+    def runs_in(repeat: int, scheduler: str, max_batch: int) -> bool:
+        return repeat == 0 or repeat_only is None or scheduler == "sequential" or max_batch in repeat_only
+
+    planned = [(r, c) for r in range(repeats) for c in configs if runs_in(r, *c)]
     rows, runs = [], {}
-    bar = tqdm(total=repeats * len(workloads) * len(configs), desc="batching runs", disable=not progress,
-               leave=False)
+    bar = tqdm(total=len(planned) * len(workloads), desc="batching runs", disable=not progress, leave=False)
     for repeat in range(repeats):
         for label, wl in workloads.items():
             for scheduler, max_batch in configs:
+                if not runs_in(repeat, scheduler, max_batch):
+                    continue
                 name, options = VARIANTS.get(scheduler, (scheduler, {}))
                 result = run(name, model, wl.requests, max_batch, timeout_ms, tokenizer=tokenizer, **options)
                 result.scheduler = scheduler  # a variant keeps its label in the tables

@@ -255,6 +255,12 @@ def test_benchmark_helpers_on_a_small_grid(tiny):
     ratio = bench.paired_scheduler_ratio(ablation, "continuous", bench.PREFILL_ALONE, 2)
     assert len(ratio) == 2 and (ratio > 0).all()
     assert ratio.iloc[1] == ablation.tokens_per_s.iloc[2] / ablation.tokens_per_s.iloc[3]
+    partial, _ = bench.run_grid(tiny, {"burst": wl}, bench.configurations([2, 3]), repeats=2, timeout_ms=0,
+                                progress=False, repeat_only=[3])
+    second = partial[partial.repeat == 1]
+    assert len(partial) == 7 + 4 and set(second.max_batch) == {1, 3} and set(second.scheduler) == set(batching.SCHEDULERS)
+    repeated = bench.summarize(partial).set_index(["scheduler", "max_batch"]).repeats
+    assert repeated[("sequential", 1)] == 2 and repeated[("static", 3)] == 2 and repeated[("static", 2)] == 1
     summary = bench.summarize(frame)
     sequential = summary[summary.scheduler == "sequential"]
     assert (sequential.throughput_vs_sequential == 1).all()
