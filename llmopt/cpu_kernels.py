@@ -9,7 +9,10 @@ blocks of 32 for integer dot products, llama.cpp's scheme), for up to `MAX_ROWS`
 batched decode, speculative verification); more rows (prefill) go to PyTorch's GEMM, with quantized weights
 expanded to fp32 first by the same library.
 
-The C file is compiled with gcc on first use into the cache directory (about a second) and called through
+`csrc/gptq.c` holds one more loop that is not a GEMV: GPTQ's column-by-column rounding and error feedback
+(`gptq_block`, the same operations as gptq.py's PyTorch loop, one row per thread).
+
+The C files are compiled with gcc on first use into the cache directory (about a second) and called through
 ctypes; it links PyTorch's own OpenMP runtime, so `torch.set_num_threads` sets its threads. Where there is no
 x86 CPU with AVX2 / FMA / F16C, no gcc, or LLMOPT_CPU_KERNELS=0, `available()` says why and the modules fall
 back to PyTorch (on CUDA they always do); `switched_off()` does the same for a block of code. Every kernel is
@@ -34,13 +37,13 @@ from torch import nn
 
 from .environment import cpu_flags
 
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("gemv.c", "decode_step.c")]
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("gemv.c", "decode_step.c", "gptq.c")]
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
 MAX_ROWS = 16  # activation rows up to which the GEMV kernels run (beyond: PyTorch's GEMM)
 CPU_FEATURES = ("avx2", "fma", "f16c")
 SIGNATURES = {"gemv_f32": "pppiii", "gemv_bf16": "pppiii", "gemv_q8": "ppppiiii", "gemv_q4": "pppppiiii",
               "dequant_q8": "pppiii", "dequant_q4": "ppppiii", "fake_quantize_q8": "ppii",
-              "decode_tokens": "pplllpl"}  # p: pointer, i: int, l: int64
+              "decode_tokens": "pplllpl", "gptq_block": "pppppplllll"}  # p: pointer, i: int, l: int64
 
 
 @lru_cache(maxsize=1)
@@ -259,3 +262,15 @@ def quantized_supported(out_features: int, in_features: int, group_size: int, bi
     if group_size % multiple or in_features % group_size:
         return f"group size {group_size} must be a multiple of {multiple} dividing in_features {in_features}"
     return None
+
+
+def gptq_block(w: torch.Tensor, hinv: torch.Tensor, group_size: int, bits: int, symmetric: bool):
+    """GPTQ's column loop over one block (`csrc/gptq.c`): w [N, B] fp32 is updated in place; hinv [B, B] is the
+    block of the inverse Hessian's upper Cholesky factor. Returns (codes [N, B], errors [N, B], scales and zeros
+    [N, B / group_size]), as gptq.py's PyTorch loop computes them."""
+    w, hinv = w.contiguous(), hinv.contiguous()
+    n, width = w.shape
+    codes, errors = torch.empty_like(w), torch.empty_like(w)
+    scales, zeros = torch.empty(n, width // group_size), torch.empty(n, width // group_size)
+    _call("gptq_block", w, hinv, codes, errors, scales, zeros, n, width, group_size, 2 ** bits - 1, int(symmetric))
+    return codes, errors, scales, zeros

@@ -28,6 +28,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from . import cpu_kernels
 from .errors import InvalidParameterError
 from .quantization import QuantizedWeight, group_params, quantize_codes
 
@@ -66,13 +67,21 @@ def one_thread():
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int = 4, group_size: int | None = 64,
                   symmetric: bool = False, act_order: bool = False, damp: float = 0.01,
-                  block_size: int = 128) -> QuantizedWeight:
-    """Quantize one weight [N, K] with GPTQ given its input Hessian [K, K]."""
+                  block_size: int = 128, use_kernel: bool | None = None) -> QuantizedWeight:
+    """Quantize one weight [N, K] with GPTQ given its input Hessian [K, K].
+
+    use_kernel: run each block's column loop in C (`cpu_kernels.gptq_block`: the same operations, ~15x faster
+    here); None: where the CPU kernels run. Otherwise the loop below, one PyTorch call per column."""
+    if use_kernel is None:
+        use_kernel = cpu_kernels.runs_on(weight.device)
+    if use_kernel:
+        return _gptq_quantize(weight, hessian, bits, group_size, symmetric, act_order, damp, block_size, True)
     with one_thread():
-        return _gptq_quantize(weight, hessian, bits, group_size, symmetric, act_order, damp, block_size)
+        return _gptq_quantize(weight, hessian, bits, group_size, symmetric, act_order, damp, block_size, False)
 
 
-def _gptq_quantize(weight, hessian, bits, group_size, symmetric, act_order, damp, block_size) -> QuantizedWeight:
+def _gptq_quantize(weight, hessian, bits, group_size, symmetric, act_order, damp, block_size,
+                   use_kernel) -> QuantizedWeight:
     W = weight.detach().to(torch.float32).clone()
     n, k = W.shape
     group_size = group_size or k
@@ -99,6 +108,12 @@ def _gptq_quantize(weight, hessian, bits, group_size, symmetric, act_order, damp
         W_block = W[:, start:end].clone()
         errors = torch.zeros_like(W_block)
         Hinv_block = Hinv[start:end, start:end]
+        if use_kernel:
+            groups = slice(start // group_size, end // group_size)
+            codes[:, start:end], errors, scales[:, groups], zeros[:, groups] = cpu_kernels.gptq_block(
+                W_block, Hinv_block, group_size, bits, symmetric)
+            W[:, end:] -= errors @ Hinv[start:end, end:]
+            continue
         for i in range(end - start):
             column = start + i
             if column % group_size == 0:  # a new group starts: its grid from the weights as updated so far
