@@ -3,7 +3,8 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-# --no-compile: no bytecode for every installed file (~1 min of the bootstrap); Python compiles what it imports
+# --no-compile: no bytecode for every installed file (~1 min of the bootstrap); `llmopt prepare` caches the
+# bytecode of what the notebooks import (even where PYTHONDONTWRITEBYTECODE is set)
 PIP := $(PY) -m pip --disable-pip-version-check -q
 TORCH ?= torch==2.13.0
 

@@ -113,3 +113,15 @@ def test_cell_seconds_reads_papermill_durations_slowest_first():
     nb.cells[1].metadata["papermill"] = {"duration": 0.5}
     nb.cells[2].metadata["papermill"] = {"duration": 12.25}
     assert cell_seconds(nb) == [(12.25, "slow = 2"), (0.5, "fast = 1")]
+
+
+def test_warm_bytecode_imports_every_module_and_restores_the_flag(monkeypatch):
+    import sys
+
+    from llmopt import cli
+
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)
+    monkeypatch.delitem(sys.modules, "llmopt.peers", raising=False)
+    cli.warm_bytecode()
+    assert sys.dont_write_bytecode is True
+    assert {"llmopt.peers", "llmopt.gptq", "seaborn", "papermill"} <= set(sys.modules)
