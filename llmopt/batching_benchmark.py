@@ -49,9 +49,9 @@ def run_grid(model, workloads: dict[str, Workload], configs: Sequence[tuple[str,
     def runs_in(repeat: int, scheduler: str, max_batch: int) -> bool:
         return repeat == 0 or repeat_only is None or scheduler == "sequential" or max_batch in repeat_only
 
-    planned = [(r, c) for r in range(repeats) for c in configs if runs_in(r, *c)]
+    planned = sum(runs_in(r, *c) for r in range(repeats) for c in configs)
     rows, runs = [], {}
-    bar = tqdm(total=len(planned) * len(workloads), desc="batching runs", disable=not progress, leave=False)
+    bar = tqdm(total=planned * len(workloads), desc="batching runs", disable=not progress, leave=False)
     for repeat in range(repeats):
         for label, wl in workloads.items():
             for scheduler, max_batch in configs:

@@ -106,26 +106,25 @@ def _gptq_quantize(weight, hessian, bits, group_size, symmetric, act_order, damp
     for start in range(0, k, block_size):
         end = min(start + block_size, k)
         W_block = W[:, start:end].clone()
-        errors = torch.zeros_like(W_block)
         Hinv_block = Hinv[start:end, start:end]
         if use_kernel:
             groups = slice(start // group_size, end // group_size)
             codes[:, start:end], errors, scales[:, groups], zeros[:, groups] = cpu_kernels.gptq_block(
                 W_block, Hinv_block, group_size, bits, symmetric)
-            W[:, end:] -= errors @ Hinv[start:end, end:]
-            continue
-        for i in range(end - start):
-            column = start + i
-            if column % group_size == 0:  # a new group starts: its grid from the weights as updated so far
-                g = column // group_size
-                scale, zero = group_params(W_block[:, i:i + group_size], bits, symmetric)
-                scales[:, g], zeros[:, g] = scale, zero
-            w = W_block[:, i]
-            q = quantize_codes(w[:, None], scale, zero, bits)[:, 0]
-            codes[:, column] = q
-            error = (w - (q - zero) * scale) / Hinv_block[i, i]
-            W_block[:, i:].addr_(error, Hinv_block[i, i:], alpha=-1)  # compensate inside the block
-            errors[:, i] = error
+        else:
+            errors = torch.zeros_like(W_block)
+            for i in range(end - start):
+                column = start + i
+                if column % group_size == 0:  # a new group starts: its grid from the weights as updated so far
+                    g = column // group_size
+                    scale, zero = group_params(W_block[:, i:i + group_size], bits, symmetric)
+                    scales[:, g], zeros[:, g] = scale, zero
+                w = W_block[:, i]
+                q = quantize_codes(w[:, None], scale, zero, bits)[:, 0]
+                codes[:, column] = q
+                error = (w - (q - zero) * scale) / Hinv_block[i, i]
+                W_block[:, i:].addr_(error, Hinv_block[i, i:], alpha=-1)  # compensate inside the block
+                errors[:, i] = error
         W[:, end:] -= errors @ Hinv[start:end, end:]  # lazy update of everything after the block
 
     inverse = torch.argsort(order)
