@@ -181,15 +181,16 @@ def load_results(experiment: str, directory: Path | str | None = None) -> pd.Dat
 
 
 def save_headline(notebook: str, title: str, key_figure: str, verdict: str, table: pd.DataFrame | None = None,
-                  directory: Path | str | None = None) -> Path:
-    """A notebook's one-line summary (and optional small table) for the report index and the README."""
+                  directory: Path | str | None = None, device="cpu") -> Path:
+    """A notebook's one-line summary (and optional small table) for the report index and the README, with the
+    environment of the run (`device`: where the notebook ran, as `save_results` takes it)."""
     import json
 
     directory = Path(directory) if directory else results_dir()
     directory.mkdir(parents=True, exist_ok=True)
     record = {"notebook": notebook, "title": title, "key_figure": key_figure, "verdict": verdict,
               "table": None if table is None else json.loads(table.to_json(orient="split", index=False)),
-              **environment()}
+              **environment(device)}
     target = directory / f"headline_{notebook}.json"
     tmp = target.with_suffix(".tmp")
     tmp.write_text(json.dumps(record, indent=2, default=str))

@@ -43,6 +43,23 @@ def test_save_headline_roundtrip(tmp_path):
     assert record["title"] == "T" and record["table"]["columns"] == ["a"]
 
 
+def test_headline_records_where_the_notebook_ran(tmp_path, monkeypatch):
+    """A run with device="cuda" is labeled with its GPU in the headline, the index cards and the README line (a
+    GPU run once went out labeled as its host CPU)."""
+    from llmopt import environment as env_module
+    from llmopt import reports
+
+    monkeypatch.setattr(env_module, "device_name", lambda device="cpu": "Test GPU" if "cuda" in str(device) else "Test CPU")
+    harness.save_headline("00_baseline", "Baseline", "1 tok/s", "ok", directory=tmp_path, device="cuda")
+    record = json.loads((tmp_path / "headline_00_baseline.json").read_text())
+    assert record["device"] == "cuda" and record["device_name"] == "Test GPU"
+    assert reports.headline_markdown(tmp_path).count("Test GPU (host ") == 1
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "reports" / "00_baseline.html").write_text("<html></html>")
+    index = reports.build_index(tmp_path / "reports", tmp_path).read_text()
+    assert "Test GPU (host " in index
+
+
 def test_estimates_cover_every_section_and_are_labeled():
     frame = datasets.estimates()
     assert set(frame.section) == {"kv_cache", "batching", "quantization", "prompt_caching", "flash_attention",

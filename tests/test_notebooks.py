@@ -25,3 +25,11 @@ def test_notebook_smoke_run(notebook, tmp_path):
     assert (tmp_path / "reports" / "index.html").exists()
     assert any((tmp_path / "results").glob("*.csv")), "the notebook saved no measured rows"
     assert (tmp_path / "results" / f"headline_{notebook}.json").exists()
+
+
+def test_quantization_notebook_on_the_pytorch_engine_alone(tmp_path):
+    """03 without the fused engine (as on CUDA, or with engine="pytorch"): no engine pair to compare, still a report."""
+    runs = run_suite(["03_quantization"], {**environment_parameters(), "engine": "pytorch"}, smoke=True,
+                     reports_dir=tmp_path / "reports", results_dir=tmp_path / "results")
+    assert [r.ok for r in runs] == [True], runs[0].error
+    assert "No engine pair in this run" in (tmp_path / "reports" / "03_quantization.html").read_text()
