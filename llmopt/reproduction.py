@@ -138,16 +138,29 @@ def _kv_cache_settings(frame: pd.DataFrame, directory: Path) -> tuple[dict, str]
                f"{s['new_tokens']} new tokens")
 
 
-def _quantization_settings(frame: pd.DataFrame, directory: Path, variant: str) -> tuple[dict, str]:
-    made = _require(directory, "03_quantization_variants").set_index("variant").loc[variant]
-    row = frame.set_index("engine").loc[variant + PYTORCH_ENGINE]
+def _recipe(made: pd.DataFrame, variant: str) -> dict:
+    """How 03 made one of its variants (`03_quantization_variants.csv`): method, bits, group size, lm_head bits."""
+    row = made.loc[variant]
     head = re.search(r"lm_head INT(\d+)", variant)  # 03 names the lm_head's bits when they differ from the rest
-    s = {"variant": variant, "method": made.method, "bits": int(made.bits),
-         "group_size": None if pd.isna(made.group_size) else int(made.group_size),
-         "lm_head_bits": int(head.group(1)) if head else None, "prompt_tokens": int(row.prompt_tokens),
-         "new_tokens": int(row.new_tokens), "repeats": int(row.repeats), "warmup": NOTEBOOK_WARMUP}
+    return {"variant": variant, "method": row.method, "bits": None if pd.isna(row.bits) else int(row.bits),
+            "group_size": None if pd.isna(row.group_size) else int(row.group_size),
+            "lm_head_bits": int(head.group(1)) if head else None}
+
+
+def _quantization_settings(frame: pd.DataFrame, directory: Path, variant: str) -> tuple[dict, str]:
+    made = _require(directory, "03_quantization_variants").set_index("variant")
+    row = frame.set_index("engine").loc[variant + PYTORCH_ENGINE]
+    # 03 times its PyTorch-engine rows in a comparison of their own (interleaved with each other only): 07 runs
+    # the same rows, since what a row is interleaved with moves this pair's ratio (~1.6x among 03's fused rows
+    # against ~2x alone, measured in one process)
+    together = [name[:-len(PYTORCH_ENGINE)] for name in frame.engine if name.endswith(PYTORCH_ENGINE)]
+    s = {**_recipe(made, variant), "pytorch_rows": [_recipe(made, name) for name in together if name != "fp32"],
+         "prompt_tokens": int(row.prompt_tokens), "new_tokens": int(row.new_tokens), "repeats": int(row.repeats),
+         "warmup": NOTEBOOK_WARMUP}
+    others = [r["variant"] for r in s["pytorch_rows"] if r["variant"] != variant]
     return s, (f"03: {variant} against fp32, both on the PyTorch engine (quantized_variants.quantized, "
-               f"benchmark.compare), {s['prompt_tokens']}-token prompt, {s['new_tokens']} new tokens")
+               f"benchmark.compare{' with ' + ', '.join(others) if others else ''} as 03 times them), "
+               f"{s['prompt_tokens']}-token prompt, {s['new_tokens']} new tokens")
 
 
 def _prompt_caching_settings(frame: pd.DataFrame, directory: Path) -> tuple[dict, str]:
@@ -307,11 +320,13 @@ def _measure_quantization(model, tokenizer, s: dict) -> pd.DataFrame:
     from . import quantized_variants as qv
     from .generate import Decoder
 
-    head = {"lm_head_bits": s["lm_head_bits"]} if s["lm_head_bits"] else {}
-    variant = qv.quantized(model, s["variant"], s["method"], bits=s["bits"], group_size=s["group_size"], **head)
-    if variant.skipped:
-        raise InvalidParameterError(f"{s['variant']}: {variant.skipped}")
-    models = {"fp32": model, s["variant"]: variant.model}  # compared only when 03's dtype is this run's (fp32)
+    models = {"fp32": model}  # compared only when 03's dtype is this run's (fp32)
+    for r in s.get("pytorch_rows") or [s]:  # every row 03 timed beside the compared pair, in 03's order
+        head = {"lm_head_bits": r["lm_head_bits"]} if r["lm_head_bits"] else {}
+        variant = qv.quantized(model, r["variant"], r["method"], bits=r["bits"], group_size=r["group_size"], **head)
+        if variant.skipped:
+            raise InvalidParameterError(f"{r['variant']}: {variant.skipped}")
+        models[r["variant"]] = variant.model
     engines = {name + PYTORCH_ENGINE: benchmark.ours(Decoder(m, tokenizer, cache="static"))
                for name, m in models.items()}
     return benchmark.compare(engines, [s["prompt_tokens"]], s["new_tokens"], tokenizer, s["repeats"], s["warmup"],

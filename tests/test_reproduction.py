@@ -41,9 +41,10 @@ def write_results(d, requests: pd.DataFrame, model="SmolLM2-135M-Instruct"):
                   "repeats": 2, "decode_tokens_per_s": [2.0, 12.0, 6.0, 14.0],
                   "decode_tokens_per_s_spread": [0.1, 1.0, 0.2, 1.0], **same}).to_csv(d / "01_kv_cache_sweep.csv",
                                                                                      index=False)
-    pd.DataFrame({"engine": ["fp32", INT4, "fp32 · PyTorch engine", f"{INT4} · PyTorch engine"], "prompt_tokens": 32,
-                  "new_tokens": 24, "repeats": 2, "decode_tokens_per_s": [30.0, 120.0, 20.0, 40.0],
-                  "decode_tokens_per_s_spread": [0.0, 0.0, 2.0, 4.0], **same}).to_csv(
+    pd.DataFrame({"engine": ["fp32", INT4, "fp32 · PyTorch engine", "INT8 RTN (per channel) · PyTorch engine",
+                             f"{INT4} · PyTorch engine"], "prompt_tokens": 32,
+                  "new_tokens": 24, "repeats": 2, "decode_tokens_per_s": [30.0, 120.0, 20.0, 30.0, 40.0],
+                  "decode_tokens_per_s_spread": [0.0, 0.0, 2.0, 3.0, 4.0], **same}).to_csv(
         d / "03_quantization_engines.csv", index=False)
     pd.DataFrame({"variant": ["fp32", "INT8 RTN (per channel)", INT4], "method": ["dense", "rtn", "rtn"],
                   "bits": [None, 8, 4], "group_size": [None, None, 64]}).to_csv(d / "03_quantization_variants.csv",
@@ -89,6 +90,10 @@ def test_each_condition_is_the_cheapest_one_its_notebook_saved(results):
     quant = c["quantization"].settings
     assert (quant["method"], quant["bits"], quant["group_size"], quant["lm_head_bits"]) == ("rtn", 4, 64, 8)
     assert c["quantization"].ratio == pytest.approx(2.0)  # the PyTorch-engine pair, not the fused 4.0
+    # 07 times every PyTorch-engine row 03 timed together (what a row is interleaved with moves its ratio)
+    assert [(r["variant"], r["bits"], r["group_size"]) for r in quant["pytorch_rows"]] == [
+        ("INT8 RTN (per channel)", 8, None), (INT4, 4, 64)]
+    assert "with INT8 RTN (per channel)" in c["quantization"].text
     caching = c["prompt_caching"]
     assert caching.settings["prefix_tokens"] == 50 and caching.settings["repeats"] == 3
     assert caching.ratio == pytest.approx(0.2 / 0.41) and caching.high == pytest.approx(0.2 / (0.41 - 0.01))
@@ -163,6 +168,9 @@ def test_every_effect_is_re_measured_with_its_notebooks_function(results, tiny_w
     assert (table.rerun_ratio > 0).all() and table.measure_s.notna().all(), table.verdict
     assert (table.rerun_low <= table.rerun_ratio).all() and (table.repeats == 1).all()
     assert table.loc["quantization", "notebook_ratio"] == pytest.approx(2.0)
+    measured = reproduction.measure(conditions["quantization"], tiny_wide, tokenizer)
+    assert list(measured.engine) == ["fp32 · PyTorch engine", "INT8 RTN (per channel) · PyTorch engine",
+                                     f"{INT4} · PyTorch engine"]
 
 
 def test_the_marginal_table_takes_each_stack_step_on_the_single_effects_metric():
