@@ -83,26 +83,29 @@ def compare(engines: dict[str, Engine], prompt_lengths: list[int], new_tokens: i
             repeats: int = 3, warmup: int = 1, progress: bool = True) -> pd.DataFrame:
     """Time every engine at every prompt length, interleaved; one row per (engine, prompt length).
 
-    `warmup` untimed runs per engine happen once, at the first prompt length."""
-    rows = []
-    total = (len(prompt_lengths) * repeats + warmup) * len(engines)
-    bar = tqdm(total=total, desc="generation benchmark", disable=not progress, leave=False)
-    for position, length in enumerate(prompt_lengths):
-        prompt = prompt_of_length(tokenizer, length)
-        samples: dict[str, list[tuple[Generation, float, float]]] = {name: [] for name in engines}
-        warmups = warmup if position == 0 else 0  # engines warm up once, at the first prompt length
-        for i in range(warmups + repeats):
+    Each repeat runs every (prompt length, engine) once, in that order, so a repeat of one condition is a whole
+    pass of the others away from the next: the host's slow drift (tens of percent within a minute on shared
+    machines) lands in every condition's spread instead of between conditions. `warmup` untimed runs per engine
+    happen first, at the first prompt length."""
+    prompts = {length: prompt_of_length(tokenizer, length) for length in prompt_lengths}
+    samples: dict[tuple[int, str], list[tuple[Generation, float, float]]] = {
+        (length, name): [] for length in prompt_lengths for name in engines}
+    bar = tqdm(total=(len(prompt_lengths) * repeats + warmup) * len(engines), desc="generation benchmark",
+               disable=not progress, leave=False)
+    for _ in range(warmup):
+        for engine in engines.values():
+            engine(prompts[prompt_lengths[0]], new_tokens)
+            bar.update()
+    for _ in range(repeats):
+        for length in prompt_lengths:
             for name, engine in engines.items():
                 cpu0, wall0 = time.process_time(), time.perf_counter()
-                result = engine(prompt, new_tokens)
+                result = engine(prompts[length], new_tokens)
                 wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
-                if i >= warmups:
-                    samples[name].append((result, wall, cpu))
+                samples[(length, name)].append((result, wall, cpu))
                 bar.update()
-        for name, runs in samples.items():
-            rows.append(summarize(name, length, new_tokens, runs))
     bar.close()
-    return pd.DataFrame(rows)
+    return pd.DataFrame([summarize(name, length, new_tokens, runs) for (length, name), runs in samples.items()])
 
 
 def summarize(engine: str, prompt_length: int, new_tokens: int,

@@ -122,25 +122,30 @@ def cold_vs_warm(model, tokenizer, prefix_lengths: list[int], new_tokens: int = 
     Each repeat takes two prompts with the same prefix and different 20-token user prompts, A and B. A fresh
     prefix cache runs A (cold: a miss, then A is stored) and then B (warm: a hit on the prefix); the plain
     decoder runs B, so its tokens are the reference for the warm run. `warmup` untimed rounds run first, at the
-    first prefix length. One row per (engine, prefix length, repeat): TTFT, end-to-end seconds, tokens
-    processed and the generated ids."""
+    first prefix length; then each repeat runs every prefix length once, so a length's repeats are a whole pass
+    apart and the host's drift shows in their spread (as in `benchmark.compare`). One row per (engine, prefix
+    length, repeat): TTFT, end-to-end seconds, tokens processed and the generated ids."""
     plain = Decoder(model, tokenizer, cache="static")
+    first = prefix_lengths[0]
+    pairs = {length: _prompt_pairs(tokenizer, length, repeats + (warmup if length == first else 0))
+             for length in prefix_lengths}
+    rounds = [(first, pair, None) for pair in pairs[first][:warmup]]  # (length, prompts, repeat or None: untimed)
+    rounds += [(length, pairs[length][r + (warmup if length == first else 0)], r)
+               for r in range(repeats) for length in prefix_lengths]
     rows = []
-    for prefix_length in prefix_lengths:
-        rounds = warmup + repeats if prefix_length == prefix_lengths[0] else repeats
-        for r, (a, b) in enumerate(_prompt_pairs(tokenizer, prefix_length, rounds)):
-            cached = Decoder(model, tokenizer, cache="static", prefix_cache=PrefixCache(max_bytes))
-            runs = {"no prefix cache": (plain, b.prompt_ids), "cold (miss)": (cached, a.prompt_ids),
-                    "warm (hit)": (cached, b.prompt_ids)}
-            for engine, (decoder, prompt) in runs.items():
-                result, wall_s = _time_generation(decoder, prompt, new_tokens)
-                if rounds - r > repeats:
-                    continue
-                rows.append({"engine": engine, "prefix_tokens": prefix_length, "repeat": r - (rounds - repeats),
-                             "prompt_tokens": len(prompt), "cached_tokens": result.prefix_cached_tokens,
-                             "processed_tokens": len(prompt) - result.prefix_cached_tokens,
-                             "new_tokens": new_tokens, "time_to_first_token_s": result.time_to_first_token_s,
-                             "end_to_end_s": wall_s, "token_ids": result.token_ids})
+    for prefix_length, (a, b), repeat in rounds:
+        cached = Decoder(model, tokenizer, cache="static", prefix_cache=PrefixCache(max_bytes))
+        runs = {"no prefix cache": (plain, b.prompt_ids), "cold (miss)": (cached, a.prompt_ids),
+                "warm (hit)": (cached, b.prompt_ids)}
+        for engine, (decoder, prompt) in runs.items():
+            result, wall_s = _time_generation(decoder, prompt, new_tokens)
+            if repeat is None:
+                continue
+            rows.append({"engine": engine, "prefix_tokens": prefix_length, "repeat": repeat,
+                         "prompt_tokens": len(prompt), "cached_tokens": result.prefix_cached_tokens,
+                         "processed_tokens": len(prompt) - result.prefix_cached_tokens,
+                         "new_tokens": new_tokens, "time_to_first_token_s": result.time_to_first_token_s,
+                         "end_to_end_s": wall_s, "token_ids": result.token_ids})
     return pd.DataFrame(rows)
 
 

@@ -101,3 +101,32 @@ def test_lossless_check_asserts_in_fp32_and_reports_in_half_precision(capsys):
         check_lossless(False, "fp32", "tokens changed")
     assert check_lossless(False, "bf16", "tokens changed") is False
     assert "tokens changed" in capsys.readouterr().out
+
+
+def test_compare_spreads_each_conditions_repeats_over_the_whole_sweep():
+    """Each repeat passes every (prompt length, engine) once, so a condition's repeats are a whole pass apart and
+    the host's drift shows in every condition's spread; warm-up runs happen first, at the first length."""
+    from llmopt import benchmark
+    from llmopt.generate import Generation
+
+    class Words:  # a tokenizer stand-in: one id per character
+        def __call__(self, text):
+            return type("Encoded", (), {"input_ids": [ord(c) for c in text]})()
+
+    calls = []
+
+    def engine(name, step_s):
+        def run(prompt_ids, new_tokens):
+            calls.append((name, len(prompt_ids)))
+            times = [step_s * (i + 1) * len(calls) for i in range(new_tokens)]  # slower with every call: drift
+            return Generation(list(prompt_ids), list(range(new_tokens)), token_times_s=times)
+        return run
+
+    frame = benchmark.compare({"a": engine("a", 0.01), "b": engine("b", 0.02)}, [4, 8], 3, Words(), repeats=2,
+                              warmup=1, progress=False)
+    assert calls == [("a", 4), ("b", 4)] + [("a", 4), ("b", 4), ("a", 8), ("b", 8)] * 2
+    assert list(zip(frame.engine, frame.prompt_tokens)) == [("a", 4), ("b", 4), ("a", 8), ("b", 8)]
+    assert (frame.repeats == 2).all()
+    # a's runs at length 4 were calls 3 and 7: 1/(0.01*3) and 1/(0.01*7) tokens/s, a whole pass apart
+    a4 = frame.set_index(["engine", "prompt_tokens"]).loc[("a", 4)]
+    assert a4.decode_tokens_per_s_spread == pytest.approx(1 / 0.03 - 1 / 0.07)

@@ -267,8 +267,11 @@ def test_scenario_has_the_documents_token_counts(tokenizer):
 def test_cold_vs_warm_rows_equivalence_and_document_table(tiny_wide, tokenizer):
     from llmopt import prefix_workload as w
 
-    frame = w.cold_vs_warm(tiny_wide, tokenizer, [50, 250], new_tokens=3, repeats=2, warmup=0)
-    assert len(frame) == 3 * 2 * 2
+    frame = w.cold_vs_warm(tiny_wide, tokenizer, [50, 250], new_tokens=3, repeats=2, warmup=1)
+    assert len(frame) == 3 * 2 * 2  # the warm-up round is not a row
+    # each repeat passes every prefix length, so a length's repeats are a whole pass apart (drift lands in spreads)
+    assert list(frame.prefix_tokens) == [50] * 3 + [250] * 3 + [50] * 3 + [250] * 3
+    assert list(frame.repeat) == [0] * 6 + [1] * 6
     warm, cold = frame[frame.engine == "warm (hit)"], frame[frame.engine == "cold (miss)"]
     assert (warm.processed_tokens == 20).all() and (cold.cached_tokens == 0).all()
     plain = frame[frame.engine == "no prefix cache"]
