@@ -127,11 +127,11 @@ def cold_vs_warm(model, tokenizer, prefix_lengths: list[int], new_tokens: int = 
     length, repeat): TTFT, end-to-end seconds, tokens processed and the generated ids."""
     plain = Decoder(model, tokenizer, cache="static")
     first = prefix_lengths[0]
-    pairs = {length: _prompt_pairs(tokenizer, length, repeats + (warmup if length == first else 0))
+    first_pairs = _prompt_pairs(tokenizer, first, warmup + repeats)  # the warm-up rounds, then the timed ones
+    timed = {length: first_pairs[warmup:] if length == first else _prompt_pairs(tokenizer, length, repeats)
              for length in prefix_lengths}
-    rounds = [(first, pair, None) for pair in pairs[first][:warmup]]  # (length, prompts, repeat or None: untimed)
-    rounds += [(length, pairs[length][r + (warmup if length == first else 0)], r)
-               for r in range(repeats) for length in prefix_lengths]
+    rounds = [(first, pair, None) for pair in first_pairs[:warmup]]  # (length, prompts, repeat or None: untimed)
+    rounds += [(length, timed[length][r], r) for r in range(repeats) for length in prefix_lengths]
     rows = []
     for prefix_length, (a, b), repeat in rounds:
         cached = Decoder(model, tokenizer, cache="static", prefix_cache=PrefixCache(max_bytes))

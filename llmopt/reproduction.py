@@ -321,7 +321,7 @@ def _measure_quantization(model, tokenizer, s: dict) -> pd.DataFrame:
     from .generate import Decoder
 
     models = {"fp32": model}  # compared only when 03's dtype is this run's (fp32)
-    for r in s.get("pytorch_rows") or [s]:  # every row 03 timed beside the compared pair, in 03's order
+    for r in s["pytorch_rows"]:  # every row 03 timed beside fp32 (the compared variant among them), in 03's order
         head = {"lm_head_bits": r["lm_head_bits"]} if r["lm_head_bits"] else {}
         variant = qv.quantized(model, r["variant"], r["method"], bits=r["bits"], group_size=r["group_size"], **head)
         if variant.skipped:
