@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from . import datasets
 from .batching import SCHEDULERS, RequestRecord, RunResult, run
+from .errors import InvalidParameterError
 from .harness import spread
 from .workload import Request, Workload
 
@@ -116,6 +117,31 @@ def by_concurrency(summary: pd.DataFrame, concurrencies: Sequence[int],
     order = {s: i for i, s in enumerate(ORDER)}
     return table.sort_values(["concurrency", "scheduler"], key=lambda col: col.map(order) if col.name ==
                              "scheduler" else col).reset_index(drop=True)
+
+
+def answer_length_table(summary: pd.DataFrame, workloads: dict[str, Workload], concurrency: int,
+                        scheduler: str = "continuous") -> pd.DataFrame:
+    """One row per workload (the same prompts with other output caps): its caps, prompt and generated tokens, the
+    share of the sequential scheduler's forward time spent in prefill, and `scheduler`'s throughput over the
+    sequential scheduler's at `concurrency` (the ratio of medians and the range of the paired repeats).
+
+    Batching makes decode steps cheap per token and prefill barely cheaper, so at a fixed concurrency its gain
+    depends on how much of the work is decode: this is that dependence, measured."""
+    rows = []
+    for label, wl in workloads.items():
+        part = summary[summary.workload == label].set_index(["scheduler", "max_batch"])
+        if ("sequential", 1) not in part.index or (scheduler, concurrency) not in part.index:
+            raise InvalidParameterError(f"workload {label!r} has no sequential and {scheduler} "
+                                        f"(max_batch {concurrency}) runs in the summary")
+        sequential, batched = part.loc[("sequential", 1)], part.loc[(scheduler, concurrency)]
+        rows.append({"workload": label, "answer_caps": f"{wl.params.min_new_tokens}-{wl.params.max_new_tokens}",
+                     "prompt_tokens": sum(len(r.prompt_ids) for r in wl.requests),
+                     "generated_tokens": int(sequential.generated_tokens),
+                     "sequential_prefill_share": sequential.prefill_s / sequential.forward_s,
+                     "throughput_vs_sequential": batched.throughput_vs_sequential,
+                     "throughput_ratio_low": batched.throughput_ratio_low,
+                     "throughput_ratio_high": batched.throughput_ratio_high, "repeats": int(batched.repeats)})
+    return pd.DataFrame(rows)
 
 
 def equivalence(runs: dict, reference: dict[int, list[int]] | None = None) -> pd.DataFrame:

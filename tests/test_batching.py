@@ -365,3 +365,28 @@ def test_paired_ratios_pair_each_run_with_the_sequential_run_of_its_repeat():
     row = bench.summarize(frame).set_index("scheduler").loc["continuous"]
     assert (row.throughput_ratio_low, row.throughput_ratio_high) == (3.0, 4.0)
     assert row.throughput_vs_sequential == 25.0 / 7.5  # the ratio of the medians
+
+
+def test_answer_length_table_pairs_each_workload_with_its_own_sequential_runs(tiny):
+    from llmopt import batching_benchmark as bench
+
+    pool = workload.random_pool(tiny.config.vocab_size, 8, 2, 12, seed=3)
+    workloads = {"short": workload.make_workload(pool, 5, seed=1, min_new_tokens=1, max_new_tokens=2),
+                 "long": workload.make_workload(pool, 5, seed=1, min_new_tokens=6, max_new_tokens=9)}
+    frame, runs = bench.run_grid(tiny, workloads, [("sequential", 1), ("continuous", 3)], repeats=2, timeout_ms=0,
+                                 progress=False)
+    checks = bench.equivalence(runs)
+    assert len(checks) == 8 and (checks.identical == checks.requests).all()
+    summary = bench.summarize(frame)
+    table = bench.answer_length_table(summary, workloads, concurrency=3).set_index("workload")
+    assert list(table.answer_caps) == ["1-2", "6-9"] and (table.repeats == 2).all()
+    assert table.prompt_tokens["short"] == table.prompt_tokens["long"]  # same seed: same prompts, other caps
+    assert table.generated_tokens["long"] > table.generated_tokens["short"]
+    assert ((table.sequential_prefill_share > 0) & (table.sequential_prefill_share <= 1)).all()
+    for label in workloads:
+        paired = bench.paired_ratios(frame[frame.workload == label]).loc[(label, "continuous", 3)]
+        assert table.throughput_ratio_low[label] == paired.min() and table.throughput_ratio_high[label] == paired.max()
+        row = summary[(summary.workload == label) & (summary.scheduler == "continuous")].iloc[0]
+        assert table.throughput_vs_sequential[label] == row.throughput_vs_sequential
+    with pytest.raises(InvalidParameterError, match="no sequential and continuous"):
+        bench.answer_length_table(summary, workloads, concurrency=4)
