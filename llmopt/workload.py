@@ -72,6 +72,20 @@ class Workload:
         return sum(r.max_new_tokens for r in self.requests)
 
 
+def with_answer_lengths(pool: list[tuple[str, list[int]]], n_requests: int, seed: int,
+                        answer_lengths) -> dict[str, Workload]:
+    """Burst workloads of the same prompts (same seed) with other output caps, one per [min, max] pair, labeled
+    "burst, answers min-max"."""
+    workloads = {}
+    for caps in answer_lengths:
+        if not (isinstance(caps, (list, tuple)) and len(caps) == 2 and all(isinstance(c, int) for c in caps)):
+            raise InvalidParameterError(f"answer lengths are [min, max] pairs of integers, e.g. [[16, 64]]; got {caps!r}")
+        lo, hi = caps
+        workloads[f"burst, answers {lo}-{hi}"] = make_workload(pool, n_requests, seed, "burst", min_new_tokens=lo,
+                                                               max_new_tokens=hi)
+    return workloads
+
+
 def prompt_pool(tokenizer, text_lengths=(24, 48, 96), chat: bool = True, seed: int = 0,
                 max_prompt_tokens: int | None = 128) -> list[tuple[str, list[int]]]:
     """(source, token ids) for every prompt in data/prompts.jsonl and a few held-out text slices.

@@ -222,6 +222,12 @@ def test_workload_is_seeded_and_mixed():
     burst = workload.make_workload(pool, 80, seed=3)
     assert [(r.prompt_ids, r.max_new_tokens) for r in a.requests] == \
         [(r.prompt_ids, r.max_new_tokens) for r in burst.requests[:50]], "same seed: same prompts and caps"
+    longer = workload.with_answer_lengths(pool, 50, 3, [[40, 60]])["burst, answers 40-60"]
+    assert [r.prompt_ids for r in longer.requests] == [r.prompt_ids for r in a.requests], "same seed: same prompts"
+    assert min(r.max_new_tokens for r in longer.requests) >= 40 and max(r.max_new_tokens for r in longer.requests) <= 60
+    for bad in ([16], [[16]], [[16, 64.5]], [[0, 8]], [[9, 8]]):
+        with pytest.raises(InvalidParameterError):
+            workload.with_answer_lengths(pool, 50, 3, bad)
 
 
 @pytest.mark.e2e
