@@ -27,6 +27,9 @@ All four schedulers decode greedily with a KV cache and stop each request at EOS
   over all active sequences, one token each, each at its own position with a mask built from its own length; a
   finished sequence leaves the batch at once (the last slot is moved into its hole so the active slots stay
   contiguous and the cache views need no copy).
+  `join_batch` > 1 holds free slots (for at most `join_wait_steps` decode steps) until several queued requests
+  can join in one packed prefill, larger and cheaper per token (TGI's `waiting_served_ratio` /
+  `max_waiting_tokens`, vLLM's `scheduler_delay_factor`); the default 1 admits each request at the first free slot.
 
 What is measured, per request: arrival, start (dispatch), first token, last token and finish (answer
 available) times and the tokens; per run: generated tokens/s, latency and time-to-first-token percentiles, the
@@ -102,6 +105,7 @@ class RunResult:
     prefill_s: float = math.nan  # the part of forward_s spent in prefill calls (mixed steps included)
     mixed_steps: int = 0  # continuous: forwards that ran the rows' decode step inside the joiners' prefill
     mixed_rows: int = 0  # the decode rows those forwards computed
+    held_steps: int = 0  # continuous with join_batch > 1: decode steps run while free slots waited for more
 
     @property
     def tokens(self) -> dict[int, list[int]]:
@@ -148,7 +152,7 @@ class RunResult:
             # decode inputs that belong to unfinished requests (each request's first token comes from prefill)
             "useful_rows_per_decode_step": ((generated - len(self.records)) / (self.decode_steps + self.mixed_steps)
                                             if self.decode_steps + self.mixed_steps else math.nan),
-            "mixed_steps": self.mixed_steps, "mixed_rows": self.mixed_rows,
+            "mixed_steps": self.mixed_steps, "mixed_rows": self.mixed_rows, "held_steps": self.held_steps,
             "forward_cpu_wall_ratio": cpu_ratio,
             "contended": threads > 1 and cpu_ratio < 0.5 * threads,
         }
@@ -321,6 +325,7 @@ class _Run:
         self.records = {r.request_id: RequestRecord(r.request_id, len(r.prompt_ids), r.max_new_tokens, r.arrival_s)
                         for r in requests}
         self.useful_tokens = self.decode_steps = self.decode_rows = self.mixed_steps = self.mixed_rows = 0
+        self.held_steps = 0
         self.t0 = time.perf_counter()
 
     def now(self) -> float:
@@ -490,17 +495,29 @@ def _mixed_step(model, slots: SlotCache, last_tokens: list[int], joiners: list[R
     return next_tokens[:rows], next_tokens[rows:]
 
 
-def _continuous(run: _Run, max_length: int, mixed: bool = True) -> None:
-    """Iteration-level scheduling: every loop is one model call over the active rows and/or the joiners."""
+def _continuous(run: _Run, max_length: int, mixed: bool = True, join_batch: int = 1, join_wait_steps: int = 8) -> None:
+    """Iteration-level scheduling: every loop is one model call over the active rows and/or the joiners.
+
+    join_batch > 1: while sequences run, queued requests join only when at least min(join_batch, queued) slots
+    are free, so their prompts are prefilled together in one larger (cheaper per token) forward, but free slots
+    are never held for more than `join_wait_steps` decode steps in a row (TGI's waiting_served_ratio and
+    max_waiting_tokens, vLLM's scheduler_delay_factor)."""
     model, device = run.model, run.device
     slots = SlotCache(model.config, run.max_batch, max_length, run.dtype, device)
     positions = torch.arange(max_length, device=device)
     active: list[RequestRecord] = []  # active[i] lives in slot i
     last_tokens: list[int] = []
+    held = 0  # consecutive decode steps with free slots held for a larger join
     with torch.inference_mode():
         while run.busy or active:
             run.admit()
-            joiners = run.take(run.max_batch - len(active))
+            free = run.max_batch - len(active)
+            if active and 0 < free < min(join_batch, len(run.waiting)) and held < join_wait_steps:
+                joiners, held = [], held + 1
+                run.held_steps += 1
+            else:
+                joiners = run.take(free)
+                held = 0 if joiners else held
             if not joiners and not active:
                 run.sleep_until(run.next_arrival_s)
                 continue
@@ -553,17 +570,21 @@ def _continuous(run: _Run, max_length: int, mixed: bool = True) -> None:
 
 def run(scheduler: str, model, requests: Sequence[Request], max_batch: int = 8, timeout_ms: float = 50.0,
         eos_token_ids: Sequence[int] | None = None, tokenizer=None, pad_token_id: int = 0,
-        mixed_steps: bool = True) -> RunResult:
+        mixed_steps: bool = True, join_batch: int = 1, join_wait_steps: int = 8) -> RunResult:
     """Serve `requests` (arriving at their `arrival_s`) with `scheduler`, greedy, and measure the run.
 
     eos_token_ids: as `Decoder` (None: the model's and the tokenizer's EOS). The static/dynamic batch size and
     the continuous slot count are `max_batch`; `timeout_ms` is the static window / dynamic oldest-wait limit.
     mixed_steps (continuous): joiners' prefill and the active rows' decode step in one forward (False: the
-    prefill runs alone, then the decode step, as vLLM's original scheduler)."""
+    prefill runs alone, then the decode step, as vLLM's original scheduler). join_batch / join_wait_steps
+    (continuous): hold free slots until min(join_batch, queued) requests can join in one packed prefill, for at
+    most join_wait_steps decode steps in a row (`_continuous`); 1 admits every request at the first free slot."""
     if scheduler not in SCHEDULERS:
         raise InvalidParameterError(f"unknown scheduler {scheduler!r}; use one of {', '.join(SCHEDULERS)}")
     if max_batch < 1 or timeout_ms < 0:
         raise InvalidParameterError("need max_batch >= 1 and timeout_ms >= 0")
+    if join_batch < 1 or join_wait_steps < 0:
+        raise InvalidParameterError("need join_batch >= 1 and join_wait_steps >= 0")
     if not requests:
         raise InvalidParameterError("no requests to serve")
     if len({r.request_id for r in requests}) != len(requests):
@@ -586,10 +607,11 @@ def run(scheduler: str, model, requests: Sequence[Request], max_batch: int = 8, 
         elif scheduler == "dynamic":
             _dynamic(state, pad_token_id)
         else:
-            _continuous(state, max(len(r.prompt_ids) + r.max_new_tokens for r in requests), mixed_steps)
+            _continuous(state, max(len(r.prompt_ids) + r.max_new_tokens for r in requests), mixed_steps,
+                        join_batch, join_wait_steps)
         synchronize(state.device)
         wall_s = state.now()
     records = sorted(state.records.values(), key=lambda r: r.request_id)
     return RunResult(scheduler, state.max_batch, timeout_ms, records, wall_s, meter.seconds, meter.cpu_seconds,
                      meter.calls, meter.tokens, state.useful_tokens, state.decode_steps, state.decode_rows,
-                     meter.prefill_seconds, state.mixed_steps, state.mixed_rows)
+                     meter.prefill_seconds, state.mixed_steps, state.mixed_rows, state.held_steps)

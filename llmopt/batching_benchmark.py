@@ -25,12 +25,14 @@ from .workload import Request, Workload
 METRICS = ["tokens_per_s", "decode_tokens_per_s", "requests_per_s", "wall_s", "latency_p50_s", "latency_p95_s",
            "latency_p99_s", "ttft_p50_s", "ttft_p95_s", "queue_mean_s", "busy_fraction", "padding_waste",
            "mean_decode_rows", "useful_rows_per_decode_step", "prefill_s", "forward_s", "generated_tokens",
-           "useful_tokens", "padded_tokens", "forward_cpu_wall_ratio", "mixed_steps"]
+           "useful_tokens", "padded_tokens", "forward_cpu_wall_ratio", "mixed_steps", "held_steps"]
 
 
 PREFILL_ALONE = "continuous, prefill alone"  # continuous without mixed steps: an ablation of `_SlotMixedStep`
-VARIANTS = {PREFILL_ALONE: ("continuous", {"mixed_steps": False})}  # label -> (scheduler, run() options)
-ORDER = (*SCHEDULERS, PREFILL_ALONE)
+GROUPED_JOINS = "continuous, grouped joins"  # continuous holding free slots until 4 requests can join together
+VARIANTS = {PREFILL_ALONE: ("continuous", {"mixed_steps": False}),  # label -> (scheduler, run() options)
+            GROUPED_JOINS: ("continuous", {"join_batch": 4})}
+ORDER = (*SCHEDULERS, PREFILL_ALONE, GROUPED_JOINS)
 
 
 def configurations(concurrencies: Sequence[int], schedulers: Sequence[str] = SCHEDULERS) -> list[tuple[str, int]]:

@@ -196,6 +196,33 @@ def test_continuous_with_and_without_mixed_steps(tiny, mixed):
     assert with_mixed.forward_calls < alone.forward_calls
 
 
+def test_grouped_joins_wait_for_several_free_slots(tiny, mixed):
+    """join_batch > 1: joins of at least min(join_batch, queued) requests, same tokens; join_wait_steps bounds the
+    wait (0: the default schedule exactly)."""
+    wl, eos, expected = mixed  # a burst: all 14 requests queued at t = 0
+    default = batching.run("continuous", tiny, wl.requests, max_batch=4, eos_token_ids=eos)
+    grouped = batching.run("continuous", tiny, wl.requests, max_batch=4, eos_token_ids=eos, join_batch=3,
+                           join_wait_steps=1000)
+    assert default.tokens == grouped.tokens == expected
+    assert all(r.completions == 1 for r in grouped.records)
+
+    def join_sizes(result):  # requests admitted in one step share their start time
+        return [n for _, n in sorted(Counter(r.start_s for r in result.records).items())]
+
+    queued, sizes = len(wl.requests), join_sizes(grouped)
+    for n in sizes:
+        assert n >= min(3, queued)
+        queued -= n
+    assert min(join_sizes(default)) == 1, "the default admits single requests as slots free"
+    assert grouped.held_steps > 0 and default.held_steps == 0 and len(sizes) < len(join_sizes(default))
+    unheld = batching.run("continuous", tiny, wl.requests, max_batch=4, eos_token_ids=eos, join_batch=3,
+                          join_wait_steps=0)
+    assert unheld.held_steps == 0 and join_sizes(unheld) == join_sizes(default) and unheld.tokens == expected
+    short_wait = batching.run("continuous", tiny, wl.requests, max_batch=4, eos_token_ids=eos, join_batch=4,
+                              join_wait_steps=1)
+    assert short_wait.tokens == expected and short_wait.held_steps > 0
+
+
 def test_bad_input_raises_readable_errors(tiny):
     pool = workload.random_pool(tiny.config.vocab_size, 2, 2, 3)
     requests = workload.make_workload(pool, 2).requests
@@ -207,6 +234,9 @@ def test_bad_input_raises_readable_errors(tiny):
         batching.run("static", tiny, requests + requests[:1])
     with pytest.raises(InvalidParameterError):
         workload.make_workload(pool, 3, arrival="poisson")
+    for options in ({"join_batch": 0}, {"join_wait_steps": -1}):
+        with pytest.raises(InvalidParameterError, match="join_batch"):
+            batching.run("continuous", tiny, requests, **options)
 
 
 def test_workload_is_seeded_and_mixed():
