@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from . import harness
@@ -406,6 +407,19 @@ def compare(condition: Condition, ratio: float, low: float, high: float, seconds
             "repeats": condition.settings.get("repeats"), "condition": condition.text, "measure_s": seconds}
 
 
+def chance_within(notebook_repeats: int, rerun_repeats: int, trials: int = 200_000, seed: int = 0) -> float:
+    """The probability that the median of `rerun_repeats` measurements lies within the range (min to max) of
+    `notebook_repeats` others of the same quantity on a perfectly stable machine: independent, identically
+    distributed (normal) measurement noise, by seeded simulation. With one rerun measurement it does not depend on
+    the distribution: (n - 1) / (n + 1). What "within the notebook's spread" can be expected to give at best."""
+    if notebook_repeats < 1 or rerun_repeats < 1:
+        raise InvalidParameterError("need at least one measurement on each side")
+    rng = np.random.default_rng(seed)
+    notebook = rng.standard_normal((trials, notebook_repeats))
+    rerun = np.median(rng.standard_normal((trials, rerun_repeats)), axis=1)
+    return float(((rerun >= notebook.min(axis=1)) & (rerun <= notebook.max(axis=1))).mean())
+
+
 def _not_compared(name: str, why: str) -> dict:
     return {"optimization": name, "metric": f"{METRICS[name][0]} with / without", "verdict": why}
 
@@ -429,11 +443,15 @@ def reproduce(conditions: dict[str, Condition | str], model, tokenizer) -> pd.Da
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
-def counts(table: pd.DataFrame) -> dict[str, int]:
-    """How many rows were reproduced within the notebook's spread, had overlapping bands, were compared, in all."""
+def counts(table: pd.DataFrame) -> dict[str, int | float]:
+    """How many rows were reproduced within the notebook's spread, had overlapping bands, were compared, in all;
+    and how many of the compared ones would fall within on a perfectly stable machine, on average
+    (`chance_within` at each row's repeats, the same on both sides)."""
+    compared = table[table.rerun_ratio.notna()]
     return {"within": int((table.within_notebook_spread == True).sum()),  # noqa: E712 (NaN rows: not compared)
             "overlapping": int((table.bands_overlap == True).sum()),  # noqa: E712
-            "compared": int(table.rerun_ratio.notna().sum()), "total": len(table)}
+            "compared": len(compared), "total": len(table),
+            "expected_within_if_stable": sum(chance_within(int(r), int(r)) for r in compared.repeats)}
 
 
 # ---- the stack's own steps: a different quantity

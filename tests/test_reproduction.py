@@ -1,5 +1,6 @@
 """The combined notebook's check against each optimization's own notebook (llmopt.reproduction)."""
 import math
+from dataclasses import replace
 
 import pandas as pd
 import pytest
@@ -116,7 +117,8 @@ def test_missing_results_another_model_or_a_missing_companion_file_are_not_compa
     table = reproduction.reproduce(missing, model=None, tokenizer=None)  # nothing to measure: no model needed
     assert list(table.columns) == reproduction.COLUMNS and list(table.optimization) == list(reproduction.RESULTS)
     assert table.rerun_ratio.isna().all() and table.verdict.str.startswith("not compared").all()
-    assert reproduction.counts(table) == {"within": 0, "overlapping": 0, "compared": 0, "total": 6}
+    assert reproduction.counts(table) == {"within": 0, "overlapping": 0, "compared": 0, "total": 6,
+                                          "expected_within_if_stable": 0}
     other = reproduction.notebook_conditions(results, "another-model", "fp32")
     assert all(v.startswith("not compared") and "another-model" in v for v in other.values())
     (results / "02_batching_workload.csv").unlink()
@@ -133,6 +135,23 @@ def test_a_row_says_whether_the_rerun_falls_within_the_notebooks_band():
     far = reproduction.compare(c, 5.0, 4.5, 5.5)
     assert not far["within_notebook_spread"] and not far["bands_overlap"]
     assert "no width" in reproduction.compare(Condition("kv_cache", {}, 3.0, 3.0, 3.0, ""), 3.1, 3.0, 3.2)["verdict"]
+
+
+def test_the_chance_of_falling_within_a_band_on_a_stable_machine():
+    for n in (2, 3, 5):  # one rerun measurement: distribution-free, (n - 1) / (n + 1)
+        assert reproduction.chance_within(n, 1) == pytest.approx((n - 1) / (n + 1), abs=0.005)
+    assert reproduction.chance_within(1, 2) == 0  # a band of one measurement has no width
+    two = reproduction.chance_within(2, 2)
+    assert 0.36 < two < 0.43 and two < reproduction.chance_within(3, 2) < reproduction.chance_within(5, 2)
+    with pytest.raises(InvalidParameterError):
+        reproduction.chance_within(0, 2)
+    c = Condition("kv_cache", {"repeats": 2}, 3.0, 2.5, 3.5, "01: ...")
+    table = pd.DataFrame([reproduction.compare(c, 3.2, 3.0, 3.4), reproduction.compare(c, 5.0, 4.5, 5.5),
+                          reproduction.compare(replace(c, settings={"repeats": 3}), 3.1, 3.0, 3.2)],
+                         columns=reproduction.COLUMNS)
+    tally = reproduction.counts(table)
+    assert (tally["within"], tally["overlapping"], tally["compared"]) == (2, 2, 3)
+    assert tally["expected_within_if_stable"] == pytest.approx(2 * two + reproduction.chance_within(3, 3))
 
 
 def test_tiny_shrinks_every_measurement_but_keeps_the_arms(results):
