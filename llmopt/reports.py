@@ -119,6 +119,15 @@ def _ran_on(h: dict) -> str:
     return threads
 
 
+def _generated_at(headline: dict, report: Path) -> _dt.datetime:
+    """When a notebook's results were measured: its headline's timestamp (a clone or a copy resets the report
+    file's mtime), else the report file's mtime."""
+    try:
+        return _dt.datetime.fromisoformat(headline["timestamp_utc"]).astimezone(_dt.timezone.utc)
+    except (KeyError, TypeError, ValueError):
+        return _dt.datetime.fromtimestamp(report.stat().st_mtime, _dt.timezone.utc)
+
+
 def build_index(reports_dir: Path = REPORTS_DIR, results_dir: Path | None = None) -> Path:
     """Write `reports/index.html`: one card per executed notebook with its key figure, and the environment."""
     from .harness import results_dir as default_results_dir
@@ -130,7 +139,7 @@ def build_index(reports_dir: Path = REPORTS_DIR, results_dir: Path | None = None
     for report in sorted(Path(reports_dir).glob("[0-9][0-9]_*.html")):
         name = report.stem
         h = headlines.get(name, {})
-        generated = _dt.datetime.fromtimestamp(report.stat().st_mtime, _dt.timezone.utc)
+        generated = _generated_at(h, report)
         cards.append(
             f"<section class='card'><h2><a href='{html.escape(report.name)}'>{html.escape(h.get('title', name))}"
             f"</a></h2><p class='figure'>{html.escape(h.get('key_figure', ''))}</p>"

@@ -58,6 +58,9 @@ def test_headline_records_where_the_notebook_ran(tmp_path, monkeypatch):
     (tmp_path / "reports" / "00_baseline.html").write_text("<html></html>")
     index = reports.build_index(tmp_path / "reports", tmp_path).read_text()
     assert "Test GPU (host " in index
+    record["timestamp_utc"] = "2020-01-02T03:04:05+00:00"  # a clone gives the report file a new mtime
+    (tmp_path / "headline_00_baseline.json").write_text(json.dumps(record))
+    assert "generated 2020-01-02 03:04 UTC" in reports.build_index(tmp_path / "reports", tmp_path).read_text()
 
 
 def test_estimates_cover_every_section_and_are_labeled():
