@@ -237,11 +237,13 @@ def _within(measured: float, value: float, tolerance: float) -> str:
 
 
 def document_table(summary: pd.DataFrame, workload: str, concurrency: int = 8, tolerance: float = 0.10,
-                   single_workload: str | None = None) -> pd.DataFrame:
+                   single_workload: str | None = None, other_workloads: Sequence[str] = ()) -> pd.DataFrame:
     """The design document's batching table beside the measured values, with a verdict per row.
 
     summary: `summarize(...)` of a burst grid; `workload` is its label; `single_workload` (default: the same) is
-    where the concurrency-1 rows come from. Point estimates (1x, "same") are read as ± `tolerance`."""
+    where the concurrency-1 rows come from; `other_workloads`: labels of other backlogs (other answer lengths)
+    whose continuous / sequential throughput at `concurrency` gets a row of its own against the same estimate.
+    Point estimates (1x, "same") are read as ± `tolerance`."""
     est = datasets.estimates("batching").set_index(["metric", "condition"])
     single_workload = single_workload or workload
 
@@ -284,6 +286,16 @@ def document_table(summary: pd.DataFrame, workload: str, concurrency: int = 8, t
         rows.append([f"latency p50, {concurrency} concurrent requests", scheduler,
                      est.loc[("latency", "concurrent requests")].document_text,
                      f"{ratio:.2f}x sequential ({at_c.latency_p50_s:.2f} vs {sequential.latency_p50_s:.2f} s)", word])
+    for label in other_workloads:
+        at_c, base = row("continuous", concurrency, label), row("sequential", 1, label)
+        if at_c is None or base is None:
+            raise InvalidParameterError(f"workload {label!r} has no sequential and continuous "
+                                        f"(max_batch {concurrency}) runs in the summary")
+        e = est.loc[("speedup", "8 concurrent requests throughput")]
+        ratio = at_c.tokens_per_s / base.tokens_per_s
+        rows.append([f"throughput, {concurrency} concurrent requests ({label})", "continuous", e.document_text,
+                     f"{ratio:.2f}x ({at_c.tokens_per_s:.1f} vs {base.tokens_per_s:.1f} tok/s)",
+                     datasets.verdict(ratio, e.low, e.high)])
     e = est.loc[("utilization_baseline", "compute busy fraction (GPU utilization)")]
     rows.append(["busy fraction (CPU analogue of GPU utilization)", "sequential", e.document_text,
                  f"{100 * sequential.busy_fraction:.0f}%", datasets.verdict(100 * sequential.busy_fraction,

@@ -1,6 +1,7 @@
 """Batching schedulers: every request gets the plain decoder's greedy tokens, whatever the scheduler and load."""
 from collections import Counter
 
+import pandas as pd
 import pytest
 import torch
 
@@ -305,6 +306,17 @@ def test_benchmark_helpers_on_a_small_grid(tiny):
     document = bench.document_table(summary, "burst", concurrency=2, single_workload="single")
     assert {"static", "dynamic", "continuous", "sequential"} <= set(document.scheduler)
     assert document.verdict.str.len().gt(0).sum() >= len(document) - 3  # decode-phase rows carry no estimate
+    # another backlog (other answer lengths) gets its own continuous / sequential throughput row
+    longer_frame, _ = bench.run_grid(tiny, {"longer": wl.head(3)}, [("sequential", 1), ("continuous", 2)],
+                                     repeats=1, timeout_ms=0, progress=False)
+    longer = bench.summarize(longer_frame).set_index("scheduler").tokens_per_s
+    with_longer = bench.document_table(pd.concat([summary, bench.summarize(longer_frame)]), "burst", concurrency=2,
+                                       single_workload="single", other_workloads=["longer"])
+    extra = with_longer[with_longer.quantity.str.endswith("(longer)")]
+    assert len(with_longer) == len(document) + 1 and list(extra.scheduler) == ["continuous"]
+    assert extra.measured.iloc[0].startswith(f"{longer['continuous'] / longer['sequential']:.2f}x")
+    with pytest.raises(InvalidParameterError, match="'absent'"):
+        bench.document_table(summary, "burst", concurrency=2, other_workloads=["absent"])
 
 
 def test_transformers_continuous_batching_engine_maps_requests_back():
