@@ -121,6 +121,16 @@ def by_concurrency(summary: pd.DataFrame, concurrencies: Sequence[int],
                              "scheduler" else col).reset_index(drop=True)
 
 
+def _against_sequential(summary: pd.DataFrame, label: str, scheduler: str, concurrency: int) -> tuple:
+    """The summary rows of workload `label`'s sequential run and of `scheduler` at `concurrency` (a clear error
+    when either is missing)."""
+    part = summary[summary.workload == label].set_index(["scheduler", "max_batch"])
+    if ("sequential", 1) not in part.index or (scheduler, concurrency) not in part.index:
+        raise InvalidParameterError(f"workload {label!r} has no sequential and {scheduler} "
+                                    f"(max_batch {concurrency}) runs in the summary")
+    return part.loc[("sequential", 1)], part.loc[(scheduler, concurrency)]
+
+
 def answer_length_table(summary: pd.DataFrame, workloads: dict[str, Workload], concurrency: int,
                         scheduler: str = "continuous") -> pd.DataFrame:
     """One row per workload (the same prompts with other output caps): its caps, prompt and generated tokens, the
@@ -131,11 +141,7 @@ def answer_length_table(summary: pd.DataFrame, workloads: dict[str, Workload], c
     depends on how much of the work is decode: this is that dependence, measured."""
     rows = []
     for label, wl in workloads.items():
-        part = summary[summary.workload == label].set_index(["scheduler", "max_batch"])
-        if ("sequential", 1) not in part.index or (scheduler, concurrency) not in part.index:
-            raise InvalidParameterError(f"workload {label!r} has no sequential and {scheduler} "
-                                        f"(max_batch {concurrency}) runs in the summary")
-        sequential, batched = part.loc[("sequential", 1)], part.loc[(scheduler, concurrency)]
+        sequential, batched = _against_sequential(summary, label, scheduler, concurrency)
         rows.append({"workload": label, "answer_caps": f"{wl.params.min_new_tokens}-{wl.params.max_new_tokens}",
                      "prompt_tokens": sum(len(r.prompt_ids) for r in wl.requests),
                      "generated_tokens": int(sequential.generated_tokens),
@@ -287,10 +293,7 @@ def document_table(summary: pd.DataFrame, workload: str, concurrency: int = 8, t
                      est.loc[("latency", "concurrent requests")].document_text,
                      f"{ratio:.2f}x sequential ({at_c.latency_p50_s:.2f} vs {sequential.latency_p50_s:.2f} s)", word])
     for label in other_workloads:
-        at_c, base = row("continuous", concurrency, label), row("sequential", 1, label)
-        if at_c is None or base is None:
-            raise InvalidParameterError(f"workload {label!r} has no sequential and continuous "
-                                        f"(max_batch {concurrency}) runs in the summary")
+        base, at_c = _against_sequential(summary, label, "continuous", concurrency)
         e = est.loc[("speedup", "8 concurrent requests throughput")]
         ratio = at_c.tokens_per_s / base.tokens_per_s
         rows.append([f"throughput, {concurrency} concurrent requests ({label})", "continuous", e.document_text,
