@@ -14,6 +14,7 @@ stack (`marginal_effects`): it is shown beside this test, not used for it.
 """
 from __future__ import annotations
 
+import functools
 import math
 import re
 import time
@@ -407,17 +408,56 @@ def compare(condition: Condition, ratio: float, low: float, high: float, seconds
             "repeats": condition.settings.get("repeats"), "condition": condition.text, "measure_s": seconds}
 
 
-def chance_within(notebook_repeats: int, rerun_repeats: int, trials: int = 200_000, seed: int = 0) -> float:
-    """The probability that the median of `rerun_repeats` measurements lies within the range (min to max) of
-    `notebook_repeats` others of the same quantity on a perfectly stable machine: independent, identically
-    distributed (normal) measurement noise, by seeded simulation. With one rerun measurement it does not depend on
-    the distribution: (n - 1) / (n + 1). What "within the notebook's spread" can be expected to give at best."""
+def _spreads(samples: np.ndarray) -> np.ndarray:
+    """`harness.spread` of every row of a (trials, repeats) array: the range below 4 repeats, else the IQR with
+    `statistics.quantiles`' default (exclusive) method, which is numpy's 'weibull'."""
+    repeats = samples.shape[1]
+    if repeats < 2:
+        return np.zeros(len(samples))
+    if repeats < 4:
+        return samples.max(axis=1) - samples.min(axis=1)
+    q1, q3 = np.quantile(samples, [0.25, 0.75], axis=1, method="weibull")
+    return q3 - q1
+
+
+def within_band(notebook_on: np.ndarray, notebook_off: np.ndarray, rerun_on: np.ndarray,
+                rerun_off: np.ndarray) -> np.ndarray:
+    """Per trial (rows of (trials, repeats) arrays of the two arms' measurements): does the rerun's ratio of
+    medians fall within the notebook's `ratio_band`? The test `compare` applies, vectorized."""
+    a, b = np.median(notebook_on, axis=1), np.median(notebook_off, axis=1)
+    spread_a, spread_b = _spreads(notebook_on), _spreads(notebook_off)
+    low = (a - spread_a / 2) / (b + spread_b / 2)
+    denominator = b - spread_b / 2
+    high = np.where(denominator > 0, (a + spread_a / 2) / np.where(denominator > 0, denominator, 1), np.inf)
+    ratio = np.median(rerun_on, axis=1) / np.median(rerun_off, axis=1)
+    return (ratio >= low) & (ratio <= high)
+
+
+@functools.lru_cache(maxsize=None)
+def chance_within(notebook_repeats: int, rerun_repeats: int, trials: int = 200_000, seed: int = 0,
+                  noise: float = 0.08) -> float:
+    """The probability that this test passes on a perfectly stable machine: both arms measured with independent,
+    identically distributed normal noise (`noise`: its standard deviation relative to the mean; the answer barely
+    depends on it), `notebook_repeats` measurements of each arm give the notebook's band (`ratio_band` of the
+    medians and `harness.spread`s), `rerun_repeats` of each give the rerun's ratio of medians. Seeded simulation
+    of the very test 07 applies: what "within the notebook's spread" can be expected to give at best."""
     if notebook_repeats < 1 or rerun_repeats < 1:
         raise InvalidParameterError("need at least one measurement on each side")
     rng = np.random.default_rng(seed)
-    notebook = rng.standard_normal((trials, notebook_repeats))
-    rerun = np.median(rng.standard_normal((trials, rerun_repeats)), axis=1)
-    return float(((rerun >= notebook.min(axis=1)) & (rerun <= notebook.max(axis=1))).mean())
+
+    def arm(repeats):
+        return 1 + noise * rng.standard_normal((trials, repeats))
+    return float(within_band(arm(notebook_repeats), arm(notebook_repeats), arm(rerun_repeats),
+                             arm(rerun_repeats)).mean())
+
+
+def repeats_for(probability: float, rows: int, largest: int = 40, trials: int = 20_000) -> int | None:
+    """The fewest repeats (the same on both sides, every row) with which all `rows` effects fall within their
+    notebook's band with at least `probability` on a perfectly stable machine (`chance_within`); None if more
+    than `largest` would be needed."""
+    if not 0 < probability < 1 or rows < 1:
+        raise InvalidParameterError(f"need 0 < probability < 1 and rows >= 1, got {probability} and {rows}")
+    return next((n for n in range(2, largest + 1) if chance_within(n, n, trials) ** rows >= probability), None)
 
 
 def _not_compared(name: str, why: str) -> dict:
@@ -445,13 +485,22 @@ def reproduce(conditions: dict[str, Condition | str], model, tokenizer) -> pd.Da
 
 def counts(table: pd.DataFrame) -> dict[str, int | float]:
     """How many rows were reproduced within the notebook's spread, had overlapping bands, were compared, in all;
-    and how many of the compared ones would fall within on a perfectly stable machine, on average
-    (`chance_within` at each row's repeats, the same on both sides)."""
+    how many of the compared ones would fall within on a perfectly stable machine, on average, and the chance
+    that all of them would (`chance_within` at each row's repeats, the same on both sides)."""
     compared = table[table.rerun_ratio.notna()]
+    chances = [chance_within(int(r), int(r)) for r in compared.repeats]
     return {"within": int((table.within_notebook_spread == True).sum()),  # noqa: E712 (NaN rows: not compared)
             "overlapping": int((table.bands_overlap == True).sum()),  # noqa: E712
             "compared": len(compared), "total": len(table),
-            "expected_within_if_stable": sum(chance_within(int(r), int(r)) for r in compared.repeats)}
+            "expected_within_if_stable": sum(chances), "chance_all_within_if_stable": float(np.prod(chances))}
+
+
+def projected_extra_s(table: pd.DataFrame, repeats: int) -> float:
+    """Seconds one side (the notebooks' or 07's) would add to re-measure every compared row with `repeats`
+    repeats, projected from the rows' measured `measure_s` per repeat they used (which includes the warm-up and
+    setup, so it leans high)."""
+    compared = table[table.rerun_ratio.notna()]
+    return float(sum(max(repeats - int(r), 0) * s / int(r) for r, s in zip(compared.repeats, compared.measure_s)))
 
 
 # ---- the stack's own steps: a different quantity

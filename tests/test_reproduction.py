@@ -118,7 +118,7 @@ def test_missing_results_another_model_or_a_missing_companion_file_are_not_compa
     assert list(table.columns) == reproduction.COLUMNS and list(table.optimization) == list(reproduction.RESULTS)
     assert table.rerun_ratio.isna().all() and table.verdict.str.startswith("not compared").all()
     assert reproduction.counts(table) == {"within": 0, "overlapping": 0, "compared": 0, "total": 6,
-                                          "expected_within_if_stable": 0}
+                                          "expected_within_if_stable": 0, "chance_all_within_if_stable": 1.0}
     other = reproduction.notebook_conditions(results, "another-model", "fp32")
     assert all(v.startswith("not compared") and "another-model" in v for v in other.values())
     (results / "02_batching_workload.csv").unlink()
@@ -137,21 +137,47 @@ def test_a_row_says_whether_the_rerun_falls_within_the_notebooks_band():
     assert "no width" in reproduction.compare(Condition("kv_cache", {}, 3.0, 3.0, 3.0, ""), 3.1, 3.0, 3.2)["verdict"]
 
 
+def test_the_simulated_test_is_the_test_compare_applies():
+    import numpy as np
+
+    from llmopt import harness
+
+    rng = np.random.default_rng(1)
+    for n in (2, 3, 4, 5, 7):
+        on, off, again_on, again_off = (1 + 0.1 * rng.standard_normal((50, n)) for _ in range(4))
+        fast = reproduction.within_band(on, off, again_on, again_off)
+        for t in range(50):
+            _, low, high = reproduction.ratio_band(float(np.median(on[t])), harness.spread(list(on[t])),
+                                                   float(np.median(off[t])), harness.spread(list(off[t])))
+            ratio = float(np.median(again_on[t]) / np.median(again_off[t]))
+            c = Condition("kv_cache", {"repeats": n}, 1.0, low, high, "")
+            assert fast[t] == reproduction.compare(c, ratio, ratio, ratio)["within_notebook_spread"]
+
+
 def test_the_chance_of_falling_within_a_band_on_a_stable_machine():
-    for n in (2, 3, 5):  # one rerun measurement: distribution-free, (n - 1) / (n + 1)
-        assert reproduction.chance_within(n, 1) == pytest.approx((n - 1) / (n + 1), abs=0.005)
-    assert reproduction.chance_within(1, 2) == 0  # a band of one measurement has no width
+    assert reproduction.chance_within(1, 2) == 0  # a band of one measurement per arm has no width
     two = reproduction.chance_within(2, 2)
-    assert 0.36 < two < 0.43 and two < reproduction.chance_within(3, 2) < reproduction.chance_within(5, 2)
+    assert 0.5 < two < 0.57 and two < reproduction.chance_within(3, 3) < reproduction.chance_within(8, 8) < 1
+    assert reproduction.chance_within(2, 2, noise=0.02) == pytest.approx(two, abs=0.01)  # barely depends on it
     with pytest.raises(InvalidParameterError):
         reproduction.chance_within(0, 2)
+    needed = reproduction.repeats_for(0.9, 6)
+    assert reproduction.chance_within(needed, needed, 20_000) ** 6 >= 0.9
+    assert reproduction.chance_within(needed - 1, needed - 1, 20_000) ** 6 < 0.9
+    assert reproduction.repeats_for(0.9, 6, largest=3) is None
+    with pytest.raises(InvalidParameterError):
+        reproduction.repeats_for(1.0, 6)
     c = Condition("kv_cache", {"repeats": 2}, 3.0, 2.5, 3.5, "01: ...")
-    table = pd.DataFrame([reproduction.compare(c, 3.2, 3.0, 3.4), reproduction.compare(c, 5.0, 4.5, 5.5),
-                          reproduction.compare(replace(c, settings={"repeats": 3}), 3.1, 3.0, 3.2)],
+    table = pd.DataFrame([reproduction.compare(c, 3.2, 3.0, 3.4, 4.0), reproduction.compare(c, 5.0, 4.5, 5.5, 2.0),
+                          reproduction.compare(replace(c, settings={"repeats": 3}), 3.1, 3.0, 3.2, 6.0)],
                          columns=reproduction.COLUMNS)
     tally = reproduction.counts(table)
     assert (tally["within"], tally["overlapping"], tally["compared"]) == (2, 2, 3)
-    assert tally["expected_within_if_stable"] == pytest.approx(2 * two + reproduction.chance_within(3, 3))
+    three = reproduction.chance_within(3, 3)
+    assert tally["expected_within_if_stable"] == pytest.approx(2 * two + three)
+    assert tally["chance_all_within_if_stable"] == pytest.approx(two * two * three)
+    assert reproduction.projected_extra_s(table, 4) == pytest.approx(2 * 4.0 / 2 + 2 * 2.0 / 2 + 1 * 6.0 / 3)
+    assert reproduction.projected_extra_s(table, 2) == 0  # never fewer repeats than measured
 
 
 def test_tiny_shrinks_every_measurement_but_keeps_the_arms(results):
