@@ -55,13 +55,16 @@ class Condition:
     text: str
 
 
-def ratio_band(a: float, spread_a: float, b: float, spread_b: float) -> tuple[float, float, float]:
-    """(a / b, low, high) with each median moved by half its spread in the direction that widens the band."""
-    spread_a, spread_b = (0.0 if pd.isna(s) else float(s) for s in (spread_a, spread_b))
+def ratio_band(a, spread_a, b, spread_b):
+    """(a / b, low, high) with each median moved by half its spread in the direction that widens the band (a NaN
+    spread counts as none). Numbers give floats; numpy arrays give arrays, element-wise (`within_band`)."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    spread_a, spread_b = (np.nan_to_num(np.asarray(s, dtype=float), nan=0.0) for s in (spread_a, spread_b))
     low = (a - spread_a / 2) / (b + spread_b / 2)
     denominator = b - spread_b / 2
-    high = (a + spread_a / 2) / denominator if denominator > 0 else float("inf")
-    return a / b, low, high
+    high = np.where(denominator > 0, (a + spread_a / 2) / np.where(denominator > 0, denominator, 1.0), np.inf)
+    band = (a / b, low, high)
+    return tuple(float(x) for x in band) if np.ndim(band[0]) == 0 else band
 
 
 def _rows_ratio(on: pd.Series, off: pd.Series, column: str) -> tuple[float, float, float]:
@@ -424,11 +427,8 @@ def within_band(notebook_on: np.ndarray, notebook_off: np.ndarray, rerun_on: np.
                 rerun_off: np.ndarray) -> np.ndarray:
     """Per trial (rows of (trials, repeats) arrays of the two arms' measurements): does the rerun's ratio of
     medians fall within the notebook's `ratio_band`? The test `compare` applies, vectorized."""
-    a, b = np.median(notebook_on, axis=1), np.median(notebook_off, axis=1)
-    spread_a, spread_b = _spreads(notebook_on), _spreads(notebook_off)
-    low = (a - spread_a / 2) / (b + spread_b / 2)
-    denominator = b - spread_b / 2
-    high = np.where(denominator > 0, (a + spread_a / 2) / np.where(denominator > 0, denominator, 1), np.inf)
+    _, low, high = ratio_band(np.median(notebook_on, axis=1), _spreads(notebook_on),
+                              np.median(notebook_off, axis=1), _spreads(notebook_off))
     ratio = np.median(rerun_on, axis=1) / np.median(rerun_off, axis=1)
     return (ratio >= low) & (ratio <= high)
 
