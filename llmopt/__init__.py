@@ -7,8 +7,8 @@ Quick start:
     print(decoder.generate("Why is the sky blue?", GenerationConfig(max_new_tokens=40), chat=True).text)
 """
 from .errors import LLMOptError
-from .generate import Decoder, Generation, GenerationConfig
-from .loading import load_model
+from .engine.generate import Decoder, Generation, GenerationConfig
+from .engine.loading import load_model
 
 __all__ = ["load_model", "Decoder", "Generation", "GenerationConfig", "LLMOptError"]
 __version__ = "0.1.0"

@@ -73,7 +73,7 @@ def warm_bytecode() -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401 (their lazy modules)
 
         import llmopt
-        for module in pkgutil.iter_modules(llmopt.__path__, "llmopt."):
+        for module in pkgutil.walk_packages(llmopt.__path__, "llmopt."):
             if module.name != "llmopt.__main__":  # that one runs the command line
                 importlib.import_module(module.name)
     finally:
@@ -86,10 +86,10 @@ def _dispatch(args) -> int:
 
         # The GGUF conversion (~40 s, one core: transformers parses the file once each for config, tokenizer and
         # weights) runs beside the bytecode warm-up (~35 s, one core).
-        convert = subprocess.Popen([sys.executable, "-c", "from llmopt.loading import default_checkpoint_dir as d; d()"])
+        convert = subprocess.Popen([sys.executable, "-c", "from llmopt.engine.loading import default_checkpoint_dir as d; d()"])
         warm_bytecode()
-        from . import cpu_kernels
-        from .loading import default_checkpoint_dir
+        from .engine import cpu_kernels
+        from .engine.loading import default_checkpoint_dir
 
         if convert.wait():
             raise LLMOptError(f"converting the default model failed (exit status {convert.returncode}, above)")
@@ -97,8 +97,8 @@ def _dispatch(args) -> int:
         print("CPU kernels:", "built" if cpu_kernels.available() else cpu_kernels.unavailable_reason())
         return 0
     if args.command == "generate":
-        from .generate import Decoder, GenerationConfig
-        from .loading import load_model
+        from .engine.generate import Decoder, GenerationConfig
+        from .engine.loading import load_model
 
         lm = load_model(args.model, args.dtype, args.device)
         decoder = Decoder(lm.model, lm.tokenizer, cache=args.cache, engine=args.engine)
@@ -109,7 +109,7 @@ def _dispatch(args) -> int:
         return 0
     from pathlib import Path
 
-    from .reports import REPORTS_DIR, run_suite
+    from .report.reports import REPORTS_DIR, run_suite
 
     parameters = dict(_parse_parameter(p) for p in args.param)
     start = time.perf_counter()

@@ -18,7 +18,7 @@ failed=0
 stamp "environment"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 $py -c "import torch, transformers; print('torch', torch.__version__, '| transformers', transformers.__version__,
-'|', torch.cuda.get_device_name(), '| git', __import__('llmopt.environment').environment.git_revision())" || exit 1
+'|', torch.cuda.get_device_name(), '| git', __import__('llmopt.bench.environment', fromlist=['x']).git_revision())" || exit 1
 
 stamp "default model (converted from the GGUF once)"
 $py -m llmopt prepare 2>&1 | tail -2

@@ -15,7 +15,7 @@ def isolated_results(tmp_path, monkeypatch):
 @pytest.fixture(scope="session")
 def default_model():
     """The real default model (SmolLM2-135M-Instruct), fp32, loaded once per session."""
-    from llmopt.loading import load_model
+    from llmopt.engine.loading import load_model
 
     return load_model()
 
@@ -30,7 +30,7 @@ def default_hf_model(default_model):
 @pytest.fixture(params=["llmopt", "torch"])
 def kernels(request):
     """Run the test on our CPU kernels (skipped where they do not build) and on PyTorch's."""
-    from llmopt import cpu_kernels
+    from llmopt.engine import cpu_kernels
 
     if request.param == "llmopt":
         if not cpu_kernels.available():

@@ -1,0 +1,177 @@
+"""Generation benchmarks shared by the notebooks: engines timed round-robin in one run, tidy rows out.
+
+An *engine* is a function `(prompt_ids, new_tokens) -> Generation`. Engines are interleaved inside each repeat
+(engine A, engine B, engine A, ...) so slow drifts of a shared machine hit all of them alike, and every ratio
+is computed from medians measured in the same run.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from ..engine.generate import Decoder, Generation, GenerationConfig
+from .harness import spread
+
+Engine = Callable[[list[int], int], Generation]
+
+
+def prompt_of_length(tokenizer, length: int, text: str | None = None) -> list[int]:
+    """Exactly `length` token ids cut from the held-out evaluation text (deterministic)."""
+    from .datasets import evaluation_text
+
+    ids = tokenizer(text or evaluation_text("heldout")).input_ids
+    while len(ids) < length:
+        ids = ids + ids
+    return ids[:length]
+
+
+def ours(decoder: Decoder) -> Engine:
+    """Our decoder generating exactly `new_tokens` greedy tokens (EOS ignored, so lengths are equal)."""
+    def run(prompt_ids, new_tokens):
+        return decoder.generate(prompt_ids, GenerationConfig(max_new_tokens=new_tokens, ignore_eos=True))
+    return run
+
+
+def on_pytorch_matmul(engine: Engine) -> Engine:
+    """The same engine with our CPU kernels switched off (`cpu_kernels.switched_off`): PyTorch's matmul runs
+    every linear layer, which separates what the kernels give from what the rest of the decoder gives."""
+    from ..engine import cpu_kernels
+
+    def run(prompt_ids, new_tokens):
+        with cpu_kernels.switched_off():
+            return engine(prompt_ids, new_tokens)
+    return run
+
+
+def transformers_generate(hf_model, use_cache: bool, **kwargs) -> Engine:
+    """transformers' `generate` (greedy, exactly `new_tokens`), per-token times taken by a streamer."""
+    from transformers.generation.streamers import BaseStreamer
+
+    class Clock(BaseStreamer):
+        def __init__(self):
+            self.start, self.times, self.ids, self.seen_prompt = time.perf_counter(), [], [], False
+
+        def put(self, value):
+            if not self.seen_prompt:  # generate() first hands over the prompt
+                self.seen_prompt = True
+                return
+            ids = value.reshape(-1).tolist()  # assisted generation hands over several tokens at once
+            self.times.extend([time.perf_counter() - self.start] * len(ids))
+            self.ids.extend(ids)
+
+        def end(self):
+            pass
+
+    device = next(hf_model.parameters()).device
+
+    def run(prompt_ids, new_tokens):
+        clock = Clock()
+        with torch.inference_mode():
+            hf_model.generate(torch.tensor([prompt_ids], device=device), max_new_tokens=new_tokens,
+                              min_new_tokens=new_tokens, do_sample=False, use_cache=use_cache,
+                              streamer=clock, pad_token_id=hf_model.config.eos_token_id, **kwargs)
+        return Generation(list(prompt_ids), clock.ids, token_times_s=clock.times)
+    return run
+
+
+def compare(engines: dict[str, Engine], prompt_lengths: list[int], new_tokens: int, tokenizer,
+            repeats: int = 3, warmup: int = 1, progress: bool = True) -> pd.DataFrame:
+    """Time every engine at every prompt length, interleaved; one row per (engine, prompt length).
+
+    Each repeat runs every (prompt length, engine) once, in that order, so a repeat of one condition is a whole
+    pass of the others away from the next: the host's slow drift (tens of percent within a minute on shared
+    machines) lands in every condition's spread instead of between conditions. `warmup` untimed runs per engine
+    happen first, at the first prompt length."""
+    prompts = {length: prompt_of_length(tokenizer, length) for length in prompt_lengths}
+    samples: dict[tuple[int, str], list[tuple[Generation, float, float]]] = {
+        (length, name): [] for length in prompt_lengths for name in engines}
+    bar = tqdm(total=(len(prompt_lengths) * repeats + warmup) * len(engines), desc="generation benchmark",
+               disable=not progress, leave=False)
+    for _ in range(warmup):
+        for engine in engines.values():
+            engine(prompts[prompt_lengths[0]], new_tokens)
+            bar.update()
+    for _ in range(repeats):
+        for length in prompt_lengths:
+            for name, engine in engines.items():
+                cpu0, wall0 = time.process_time(), time.perf_counter()
+                result = engine(prompts[length], new_tokens)
+                wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+                samples[(length, name)].append((result, wall, cpu))
+                bar.update()
+    bar.close()
+    return pd.DataFrame([summarize(name, length, new_tokens, runs) for (length, name), runs in samples.items()])
+
+
+def summarize(engine: str, prompt_length: int, new_tokens: int,
+              runs: list[tuple[Generation, float, float]]) -> dict:
+    """Median and spread of the repeats of one engine at one prompt length."""
+    decode = [g.decode_tokens_per_s for g, _, _ in runs]
+    ttft = [g.time_to_first_token_s for g, _, _ in runs]
+    e2e = [new_tokens / wall for _, wall, _ in runs]
+    threads = torch.get_num_threads()
+    cpu_ratio = sum(c for _, _, c in runs) / sum(w for _, w, _ in runs)
+    return {
+        "engine": engine, "prompt_tokens": prompt_length, "new_tokens": new_tokens, "repeats": len(runs),
+        "decode_tokens_per_s": statistics.median(decode), "decode_tokens_per_s_spread": spread(decode),
+        "time_to_first_token_s": statistics.median(ttft), "time_to_first_token_s_spread": spread(ttft),
+        "end_to_end_tokens_per_s": statistics.median(e2e),
+        "per_token_latency_ms": 1000 / statistics.median(decode),
+        "cpu_wall_ratio": cpu_ratio, "contended": threads > 1 and cpu_ratio < 0.5 * threads,
+        "token_ids": runs[0][0].token_ids,
+    }
+
+
+def ratios(frame: pd.DataFrame, metric: str, baseline: str) -> pd.DataFrame:
+    """metric of every engine divided by the baseline engine's, per prompt length (same run)."""
+    table = frame.pivot(index="prompt_tokens", columns="engine", values=metric)
+    return table.div(table[baseline], axis=0).add_suffix(f" / {baseline}")
+
+
+def latency_by_position(engines: dict[str, Engine], prompt_ids: list[int], new_tokens: int) -> pd.DataFrame:
+    """Per-token latency against the token's position in the sequence, one generation per engine."""
+    rows = []
+    for name, engine in engines.items():
+        result = engine(prompt_ids, new_tokens)
+        for i, latency in enumerate(result.token_latencies_s[1:], start=1):  # [0] is the prefill
+            rows.append({"engine": name, "position": len(prompt_ids) + i, "latency_ms": 1000 * latency})
+    return pd.DataFrame(rows)
+
+
+def latency_growth(frame: pd.DataFrame) -> pd.DataFrame:
+    """Least-squares slope of per-token latency against position (ms per extra token of context)."""
+    import numpy as np
+
+    rows = []
+    for name, group in frame.groupby("engine", sort=False):
+        slope, intercept = np.polyfit(group.position, group.latency_ms, 1)
+        rows.append({"engine": name, "ms_per_context_token": slope, "intercept_ms": intercept,
+                     "first_ms": group.latency_ms.iloc[0], "last_ms": group.latency_ms.iloc[-1]})
+    return pd.DataFrame(rows)
+
+
+def equal_tokens(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per prompt length: are every engine's generated token ids identical? (the lossless check)"""
+    table = frame.pivot(index="prompt_tokens", columns="engine", values="token_ids")
+    same = table.apply(lambda row: all(ids == row.iloc[0] for ids in row), axis=1)
+    return same.rename("tokens identical across engines").to_frame()
+
+
+def check_lossless(identical: bool, dtype, what: str) -> bool:
+    """The equivalence policy of every report: in fp32 a lossless optimization must give the plain decoder's
+    tokens exactly (an AssertionError stops the report otherwise). In bf16/fp16 the same math run as other
+    kernel shapes (a batch, a cached step, a fused kernel) rounds differently and may flip a near-tie, so there
+    the result is printed and returned, not asserted."""
+    from ..engine.loading import resolve_dtype
+
+    if identical:
+        return True
+    if resolve_dtype(dtype) == torch.float32:
+        raise AssertionError(what)
+    print(f"NOTE ({dtype}): {what}. Half precision rounds differently per kernel shape; fp32 is the exact check.")
+    return False

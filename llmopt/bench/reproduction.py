@@ -1,0 +1,536 @@
+"""Does the combined notebook reproduce each optimization's effect as its own notebook measures it?
+
+For each of the six optimizations, 07 re-measures in its own run the ratio (with / without it) that the
+optimization's own notebook measures: the same llmopt measurement function, the same two arms, the same metric,
+at one condition that notebook saved in its results (`data/results/`) and with the repeats it used there. The
+condition is read from the results, never written here: the one cheapest to re-measure (the shortest prompt, the
+smallest prefix, ...). Both ratios come with the band their repeats span: for medians a, b with spreads (range,
+or IQR from 4 repeats) sa, sb the band is [(a - sa/2) / (b + sb/2), (a + sa/2) / (b - sb/2)] (`ratio_band`).
+07's ratio is "within" when it falls inside the notebook's band (the issue's test), and the two bands "overlap"
+when 07's own band meets the notebook's.
+
+Adding an optimization on top of others on 07's own workload is another quantity, the marginal effect inside the
+stack (`marginal_effects`): it is shown beside this test, not used for it.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import re
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from . import harness
+from ..errors import InvalidParameterError
+
+RESULTS = {  # optimization -> the results file of its own notebook that holds the compared arms
+    "kv_cache": "01_kv_cache_sweep", "quantization": "03_quantization_engines",
+    "prompt_caching": "04_prompt_caching", "flash_attention": "05_flash_attention_model",
+    "speculative_decoding": "06_speculative_decoding", "batching": "02_batching"}
+METRICS = {  # optimization -> (the metric its notebook reports, in words; its result column)
+    "kv_cache": ("decode tokens/s", "decode_tokens_per_s"),
+    "quantization": ("decode tokens/s", "decode_tokens_per_s"),
+    "prompt_caching": ("time to first token", "time_to_first_token_s"),
+    "flash_attention": ("time to first token (whole-model prefill)", "time_to_first_token_s"),
+    "speculative_decoding": ("decode tokens/s", "decode_tokens_per_s"),
+    "batching": ("throughput (generated tokens/s)", "tokens_per_s")}
+NOTEBOOK_WARMUP = 1  # warm-up rounds of 01, 03, 04 and 05 (their `warmup` default; not saved with the results)
+PYTORCH_ENGINE = " · PyTorch engine"  # 03's rows that repeat a format on the PyTorch engine
+TINY = {"prompt_tokens": 8, "context_tokens": 32, "new_tokens": 3, "repeats": 1, "warmup": 0}  # smoke runs
+
+
+@dataclass
+class Condition:
+    """One optimization's effect at one condition of its own notebook: the notebook's ratio and band, and the
+    arguments its measurement needs to run again (`settings`: prompt tokens, new tokens, repeats, ...)."""
+    optimization: str
+    settings: dict
+    ratio: float
+    low: float
+    high: float
+    text: str
+
+
+def ratio_band(a, spread_a, b, spread_b):
+    """(a / b, low, high) with each median moved by half its spread in the direction that widens the band (a NaN
+    spread counts as none). Numbers give floats; numpy arrays give arrays, element-wise (`within_band`)."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    spread_a, spread_b = (np.nan_to_num(np.asarray(s, dtype=float), nan=0.0) for s in (spread_a, spread_b))
+    low = (a - spread_a / 2) / (b + spread_b / 2)
+    denominator = b - spread_b / 2
+    high = np.where(denominator > 0, (a + spread_a / 2) / np.where(denominator > 0, denominator, 1.0), np.inf)
+    band = (a / b, low, high)
+    return tuple(float(x) for x in band) if np.ndim(band[0]) == 0 else band
+
+
+def _rows_ratio(on: pd.Series, off: pd.Series, column: str) -> tuple[float, float, float]:
+    """ratio_band of one column (and its `_spread` column) between two result rows."""
+    return ratio_band(on[column], on[f"{column}_spread"], off[column], off[f"{column}_spread"])
+
+
+# ---- the two arms of each effect, picked the same way from the notebook's results and from 07's re-measurement
+
+def _kv_cache_arms(frame: pd.DataFrame, s: dict):
+    rows = frame[frame.prompt_tokens == s["prompt_tokens"]].set_index("engine")
+    return rows.loc["static cache"], rows.loc["no cache"]
+
+
+def _quantization_arms(frame: pd.DataFrame, s: dict):
+    rows = frame.set_index("engine")
+    return rows.loc[s["variant"] + PYTORCH_ENGINE], rows.loc["fp32" + PYTORCH_ENGINE]
+
+
+def _prompt_caching_arms(frame: pd.DataFrame, s: dict):
+    from .prefix_workload import summarize
+
+    table = summarize(frame[frame.prefix_tokens == s["prefix_tokens"]]).set_index("engine")
+    return table.loc["warm (hit)"], table.loc["no prefix cache"]
+
+
+def _flash_attention_arms(frame: pd.DataFrame, s: dict):
+    rows = frame[(frame.context_tokens == s["context_tokens"]) & ~frame.skipped.astype(bool)].set_index("backend")
+    return rows.loc["sdpa"], rows.loc["naive"]
+
+
+def _speculative_arms(frame: pd.DataFrame, s: dict):
+    rows = frame[frame.workload == s["workload"]]
+    lookup = rows[(rows.drafter == "prompt_lookup") & (rows.k == s["k"])].iloc[0]
+    return lookup, rows[rows.drafter.str.startswith("plain")].iloc[0]
+
+
+def _batching_arms(frame: pd.DataFrame, s: dict):
+    burst = frame[frame.workload == "burst"]
+    on = burst[(burst.scheduler == "continuous") & (burst.max_batch == s["concurrency"])].iloc[0]
+    return on, burst[burst.scheduler == "sequential"].iloc[0]
+
+
+ARMS = {"kv_cache": _kv_cache_arms, "quantization": _quantization_arms, "prompt_caching": _prompt_caching_arms,
+        "flash_attention": _flash_attention_arms, "speculative_decoding": _speculative_arms,
+        "batching": _batching_arms}
+
+
+def effect(optimization: str, frame: pd.DataFrame, settings: dict) -> tuple[float, float, float]:
+    """(ratio, low, high) of the 'with' arm over the 'without' arm on the optimization's metric, from a frame
+    shaped as its notebook's results (the saved CSV or 07's re-measurement)."""
+    on, off = ARMS[optimization](frame, settings)
+    return _rows_ratio(on, off, METRICS[optimization][1])
+
+
+# ---- the compared condition of each notebook, read from its results
+
+def _read(directory: Path, name: str) -> pd.DataFrame | None:
+    """A notebook's saved results (`harness.load_results`), None when that notebook has not run."""
+    return harness.load_results(name, directory) if (directory / f"{name}.csv").exists() else None
+
+
+def _require(directory: Path, name: str) -> pd.DataFrame:
+    frame = _read(directory, name)
+    if frame is None:
+        raise FileNotFoundError(f"{name}.csv is not in {directory}")
+    return frame
+
+
+def _kv_cache_settings(frame: pd.DataFrame, directory: Path) -> tuple[dict, str]:
+    shortest = int(frame.prompt_tokens.min())
+    row = frame[(frame.prompt_tokens == shortest) & (frame.engine == "static cache")].iloc[0]
+    s = {"prompt_tokens": shortest, "new_tokens": int(row.new_tokens), "repeats": int(row.repeats),
+         "warmup": NOTEBOOK_WARMUP}
+    return s, (f"01: static cache against no cache (benchmark.compare), {shortest}-token prompt (01's shortest), "
+               f"{s['new_tokens']} new tokens")
+
+
+def _recipe(made: pd.DataFrame, variant: str) -> dict:
+    """How 03 made one of its variants (`03_quantization_variants.csv`): method, bits, group size, lm_head bits."""
+    row = made.loc[variant]
+    head = re.search(r"lm_head INT(\d+)", variant)  # 03 names the lm_head's bits when they differ from the rest
+    return {"variant": variant, "method": row.method, "bits": None if pd.isna(row.bits) else int(row.bits),
+            "group_size": None if pd.isna(row.group_size) else int(row.group_size),
+            "lm_head_bits": int(head.group(1)) if head else None}
+
+
+def _quantization_settings(frame: pd.DataFrame, directory: Path, variant: str) -> tuple[dict, str]:
+    made = _require(directory, "03_quantization_variants").set_index("variant")
+    row = frame.set_index("engine").loc[variant + PYTORCH_ENGINE]
+    # 03 times its PyTorch-engine rows in a comparison of their own (interleaved with each other only): 07 runs
+    # the same rows, since what a row is interleaved with moves this pair's ratio (~1.6x among 03's fused rows
+    # against ~2x alone, measured in one process)
+    together = [name[:-len(PYTORCH_ENGINE)] for name in frame.engine if name.endswith(PYTORCH_ENGINE)]
+    s = {**_recipe(made, variant), "pytorch_rows": [_recipe(made, name) for name in together if name != "fp32"],
+         "prompt_tokens": int(row.prompt_tokens), "new_tokens": int(row.new_tokens), "repeats": int(row.repeats),
+         "warmup": NOTEBOOK_WARMUP}
+    others = [r["variant"] for r in s["pytorch_rows"] if r["variant"] != variant]
+    return s, (f"03: {variant} against fp32, both on the PyTorch engine (quantized_variants.quantized, "
+               f"benchmark.compare{' with ' + ', '.join(others) if others else ''} as 03 times them), "
+               f"{s['prompt_tokens']}-token prompt, {s['new_tokens']} new tokens")
+
+
+def _prompt_caching_settings(frame: pd.DataFrame, directory: Path) -> tuple[dict, str]:
+    shortest = int(frame.prefix_tokens.min())
+    rows = frame[frame.prefix_tokens == shortest]
+    s = {"prefix_tokens": shortest, "new_tokens": int(rows.new_tokens.iloc[0]), "repeats": int(rows.repeat.nunique()),
+         "warmup": NOTEBOOK_WARMUP}
+    user = int(rows.prompt_tokens.iloc[0]) - shortest
+    return s, (f"04: warm prefix cache (hit) against no prefix cache (prefix_workload.cold_vs_warm), "
+               f"{shortest}-token shared prefix (04's shortest) + {user} user tokens, {s['new_tokens']} new tokens")
+
+
+def _flash_attention_settings(frame: pd.DataFrame, directory: Path) -> tuple[dict, str]:
+    ran = frame[~frame.skipped.astype(bool)]
+    both = ran.groupby("context_tokens").backend.agg(lambda names: {"naive", "sdpa"} <= set(names))
+    shortest = int(both[both].index.min())
+    row = ran[(ran.context_tokens == shortest) & (ran.backend == "sdpa")].iloc[0]
+    s = {"context_tokens": shortest, "new_tokens": int(row.new_tokens), "repeats": int(row.repeats),
+         "warmup": NOTEBOOK_WARMUP}
+    return s, (f"05: sdpa against naive attention, whole model (attention_bench.model_benchmark), "
+               f"{shortest}-token prompt (05's shortest), {s['new_tokens']} new tokens")
+
+
+def _speculative_settings(frame: pd.DataFrame, directory: Path) -> tuple[dict, str]:
+    grounded = frame[(frame.drafter == "prompt_lookup") & (frame.workload != "open-ended")]
+    best = grounded.loc[grounded.speedup.idxmax()]  # 06's headline row, and the fastest (cheapest) to re-measure
+    s = {"workload": best.workload, "k": int(best.k), "new_tokens": int(best.new_tokens), "repeats": int(best.repeats)}
+    return s, (f"06: prompt lookup k={s['k']} against the plain cached decoder (speculative_bench.sweep), "
+               f"'{s['workload']}' workload ({best.prompt_tokens}-token prompt, 06's headline and fastest k), "
+               f"{s['new_tokens']} new tokens")
+
+
+def _batching_settings(frame: pd.DataFrame, directory: Path, concurrency: int) -> tuple[dict, str]:
+    burst = frame[frame.workload == "burst"]
+    continuous = burst[burst.scheduler == "continuous"]
+    nearest = int(continuous.max_batch.iloc[(continuous.max_batch - concurrency).abs().argmin()])
+    row = continuous[continuous.max_batch == nearest].iloc[0]
+    saved = _require(directory, "02_batching_workload")
+    requests = saved[saved.workload == "burst"].reset_index(drop=True)
+    if requests.empty:
+        raise KeyError("no burst requests in 02_batching_workload")
+    first = requests.iloc[0]
+    s = {"concurrency": nearest, "repeats": int(row.repeats), "timeout_ms": float(row.timeout_ms),
+         "requests": requests}
+    return s, (f"02: continuous at {nearest} concurrent against sequential (batching_benchmark.run_grid), 02's burst "
+               f"workload rebuilt from its saved requests ({len(requests)} requests, seed {first.workload_seed}, "
+               f"caps {first.workload_min_new_tokens}-{first.workload_max_new_tokens} tokens), "
+               f"timeout {row.timeout_ms:g} ms")
+
+
+SETTINGS = {"kv_cache": _kv_cache_settings, "quantization": _quantization_settings,
+            "prompt_caching": _prompt_caching_settings, "flash_attention": _flash_attention_settings,
+            "speculative_decoding": _speculative_settings, "batching": _batching_settings}
+
+
+def _other_setup(frame: pd.DataFrame, model_name: str | None, dtype: str | None) -> str | None:
+    """How the notebook's run differs from this one in model or dtype (None: it does not, or is not recorded)."""
+    for column, ours in (("model", model_name), ("dtype", dtype)):
+        if ours is not None and column in frame and str(frame[column].iloc[0]) != str(ours):
+            return f"{column} {frame[column].iloc[0]} (this run: {ours})"
+    return None
+
+
+def read_condition(optimization: str, directory: Path, model_name: str | None = None, dtype: str | None = None,
+                   **choice) -> Condition | str:
+    """The condition 07 re-measures for one optimization, or why it cannot (a 'not compared: ...' line)."""
+    name = RESULTS[optimization]
+    frame = _read(directory, name)
+    if frame is None:
+        return f"not compared: {name}.csv is not in {directory} (its notebook has not run)"
+    other = _other_setup(frame, model_name, dtype)
+    if other:
+        return f"not compared: {name} was measured with {other}"
+    try:
+        settings, text = SETTINGS[optimization](frame, directory, **choice)
+        ratio, low, high = effect(optimization, frame, settings)
+    except FileNotFoundError as exc:
+        return f"not compared: {exc}"
+    except (KeyError, IndexError, ValueError) as exc:
+        return f"not compared: {name} lacks the rows this check reads ({type(exc).__name__}: {exc})"
+    return Condition(optimization, settings, ratio, low, high, text)
+
+
+def notebook_conditions(directory: Path | str | None = None, model_name: str | None = None, dtype: str | None = None,
+                        quantization_variant: str = "INT4 RTN g64, lm_head INT8",
+                        concurrency: int = 8) -> dict[str, Condition | str]:
+    """Per optimization, the condition of its own notebook that 07 re-measures (or why not). `model_name`,
+    `dtype`: this run's (a notebook measured on another is not compared); `quantization_variant`: 03's row
+    compared with fp32; `concurrency`: 02's concurrency compared with sequential (the nearest it measured)."""
+    d = Path(directory) if directory else harness.results_dir()
+    choices = {"quantization": {"variant": quantization_variant}, "batching": {"concurrency": concurrency}}
+    return {name: read_condition(name, d, model_name, dtype, **choices.get(name, {})) for name in RESULTS}
+
+
+def tiny(conditions: dict[str, Condition | str]) -> dict[str, Condition | str]:
+    """The same conditions shrunk to a few tokens, one repeat and two requests (smoke runs: every path in seconds)."""
+    out = {}
+    for name, c in conditions.items():
+        if not isinstance(c, Condition):
+            out[name] = c
+            continue
+        s = {key: min(value, TINY[key]) if key in TINY else value for key, value in c.settings.items()}
+        changed = [f"{key} {value}" for key, value in s.items() if key in TINY and value != c.settings[key]]
+        if "requests" in s:
+            s["requests"] = s["requests"].head(2).assign(max_new_tokens=lambda f: f.max_new_tokens.clip(upper=2))
+            changed.append("2 requests of at most 2 tokens")
+        out[name] = replace(c, settings=s, text=f"{c.text} [smoke: {', '.join(changed)}]")
+    return out
+
+
+# ---- measuring again, as each notebook does
+
+def batching_workload(tokenizer, requests: pd.DataFrame):
+    """02's workload rebuilt from the rows it saved (`02_batching_workload.csv`): each request's prompt from its
+    source in 02's prompt pool (`workload.prompt_pool`: a prompt of data/prompts.jsonl, or a held-out text slice
+    `heldout:START:LENGTH`) cut to its saved length from the left as the pool cuts long prompts, with its saved
+    cap and arrival. The seed and caps 02 drew are in the rows; the pool's text lengths and prompt cap are not,
+    and the sources make them unnecessary."""
+    from . import datasets
+    from ..engine.batching import Request
+    from .workload import Workload, WorkloadParams, prompt_pool
+
+    pool = dict(prompt_pool(tokenizer, text_lengths=(), max_prompt_tokens=None))
+    text_ids: list[int] = []
+    built = []
+    for r in requests.itertuples():
+        kind, start, length = r.source.split(":")
+        if kind == "heldout":
+            text_ids = text_ids or tokenizer(datasets.evaluation_text("heldout")).input_ids
+            ids = list(text_ids[int(start):int(start) + int(length)])
+        elif r.source in pool:
+            ids = list(pool[r.source])
+        else:
+            raise InvalidParameterError(f"request {r.request_id}: prompt source {r.source!r} is not in the pool")
+        ids = ids[-int(r.prompt_tokens):]
+        if len(ids) != r.prompt_tokens:
+            raise InvalidParameterError(f"request {r.request_id}: {r.source} gives {len(ids)} tokens, "
+                                        f"02 saved {r.prompt_tokens}")
+        built.append(Request(int(r.request_id), tuple(ids), int(r.max_new_tokens), float(r.arrival_s), r.source))
+    first = requests.iloc[0]
+    params = WorkloadParams(len(built), int(first.workload_seed), str(first.workload_arrival), None,
+                            int(first.workload_min_new_tokens), int(first.workload_max_new_tokens))
+    return Workload(params, built)
+
+
+def _measure_kv_cache(model, tokenizer, s: dict) -> pd.DataFrame:
+    from . import benchmark
+    from ..engine.generate import Decoder
+
+    engines = {"no cache": benchmark.ours(Decoder(model, tokenizer, cache="none")),
+               "static cache": benchmark.ours(Decoder(model, tokenizer, cache="static"))}
+    return benchmark.compare(engines, [s["prompt_tokens"]], s["new_tokens"], tokenizer, s["repeats"], s["warmup"],
+                             progress=False)
+
+
+def _measure_quantization(model, tokenizer, s: dict) -> pd.DataFrame:
+    from . import benchmark
+    from ..engine import quantized_variants as qv
+    from ..engine.generate import Decoder
+
+    models = {"fp32": model}  # compared only when 03's dtype is this run's (fp32)
+    for r in s["pytorch_rows"]:  # every row 03 timed beside fp32 (the compared variant among them), in 03's order
+        head = {"lm_head_bits": r["lm_head_bits"]} if r["lm_head_bits"] else {}
+        variant = qv.quantized(model, r["variant"], r["method"], bits=r["bits"], group_size=r["group_size"], **head)
+        if variant.skipped:
+            raise InvalidParameterError(f"{r['variant']}: {variant.skipped}")
+        models[r["variant"]] = variant.model
+    engines = {name + PYTORCH_ENGINE: benchmark.ours(Decoder(m, tokenizer, cache="static"))
+               for name, m in models.items()}
+    return benchmark.compare(engines, [s["prompt_tokens"]], s["new_tokens"], tokenizer, s["repeats"], s["warmup"],
+                             progress=False)
+
+
+def _measure_prompt_caching(model, tokenizer, s: dict) -> pd.DataFrame:
+    from .prefix_workload import cold_vs_warm
+
+    return cold_vs_warm(model, tokenizer, [s["prefix_tokens"]], s["new_tokens"], s["repeats"], s["warmup"])
+
+
+def _measure_flash_attention(model, tokenizer, s: dict) -> pd.DataFrame:
+    from .attention_bench import model_benchmark
+
+    return model_benchmark(model, tokenizer, ["naive", "sdpa"], [s["context_tokens"]], s["new_tokens"],
+                           s["repeats"], s["warmup"], progress=False)
+
+
+def _measure_speculative(model, tokenizer, s: dict) -> pd.DataFrame:
+    from ..engine import speculative
+    from . import speculative_bench
+
+    prompts = speculative_bench.workload_prompts(tokenizer, [s["workload"]])
+    drafters = {"prompt_lookup": (speculative.make_drafter("prompt_lookup", model), [s["k"]])}
+    return speculative_bench.sweep(model, tokenizer, drafters, prompts, s["new_tokens"], s["repeats"], progress=False)
+
+
+def _measure_batching(model, tokenizer, s: dict) -> pd.DataFrame:
+    from ..engine import batching
+    from . import batching_benchmark as bench
+
+    burst = batching_workload(tokenizer, s["requests"])
+    warm = [replace(r, max_new_tokens=min(2, r.max_new_tokens)) for r in burst.requests[:2]]
+    for scheduler in ("sequential", "continuous"):  # 02 warms every scheduler up on two short requests
+        batching.run(scheduler, model, warm, max_batch=2, timeout_ms=0, tokenizer=tokenizer)
+    configs = [("sequential", 1), ("continuous", s["concurrency"])]
+    grid, _ = bench.run_grid(model, {"burst": burst}, configs, s["repeats"], s["timeout_ms"], tokenizer,
+                             progress=False)
+    return bench.summarize(grid)
+
+
+MEASURES = {"kv_cache": _measure_kv_cache, "quantization": _measure_quantization,
+            "prompt_caching": _measure_prompt_caching, "flash_attention": _measure_flash_attention,
+            "speculative_decoding": _measure_speculative, "batching": _measure_batching}
+
+
+def measure(condition: Condition, model, tokenizer) -> pd.DataFrame:
+    """Run the condition's measurement again on `model`, on SDPA attention as every notebook loads it (the
+    model's backend is restored afterwards); a frame shaped as the notebook's results."""
+    previous = model.attention_backend
+    model.set_attention("sdpa")
+    try:
+        return MEASURES[condition.optimization](model, tokenizer, condition.settings)
+    finally:
+        model.set_attention(previous)
+
+
+# ---- the table
+
+COLUMNS = ["optimization", "metric", "rerun_ratio", "rerun_low", "rerun_high", "notebook_ratio", "notebook_low",
+           "notebook_high", "rerun / notebook", "within_notebook_spread", "bands_overlap", "verdict", "repeats",
+           "condition", "measure_s"]
+
+
+def compare(condition: Condition, ratio: float, low: float, high: float, seconds: float = math.nan) -> dict:
+    """One row: 07's re-measured ratio and band beside the notebook's, and the verdict."""
+    inside = bool(condition.low <= ratio <= condition.high)
+    verdict = ("reproduced (within the notebook's spread)" if inside else
+               f"not reproduced: {ratio:.2f}x against {condition.low:.2f}-{condition.high:.2f}x")
+    if condition.low == condition.high:
+        verdict += " (the notebook's band has no width: it measured this condition once)"
+    return {"optimization": condition.optimization, "metric": f"{METRICS[condition.optimization][0]} with / without",
+            "rerun_ratio": ratio, "rerun_low": low, "rerun_high": high, "notebook_ratio": condition.ratio,
+            "notebook_low": condition.low, "notebook_high": condition.high,
+            "rerun / notebook": ratio / condition.ratio, "within_notebook_spread": inside,
+            "bands_overlap": bool(low <= condition.high and condition.low <= high), "verdict": verdict,
+            "repeats": condition.settings.get("repeats"), "condition": condition.text, "measure_s": seconds}
+
+
+def _spreads(samples: np.ndarray) -> np.ndarray:
+    """`harness.spread` of every row of a (trials, repeats) array: the range below 4 repeats, else the IQR with
+    `statistics.quantiles`' default (exclusive) method, which is numpy's 'weibull'."""
+    repeats = samples.shape[1]
+    if repeats < 2:
+        return np.zeros(len(samples))
+    if repeats < 4:
+        return samples.max(axis=1) - samples.min(axis=1)
+    q1, q3 = np.quantile(samples, [0.25, 0.75], axis=1, method="weibull")
+    return q3 - q1
+
+
+def within_band(notebook_on: np.ndarray, notebook_off: np.ndarray, rerun_on: np.ndarray,
+                rerun_off: np.ndarray) -> np.ndarray:
+    """Per trial (rows of (trials, repeats) arrays of the two arms' measurements): does the rerun's ratio of
+    medians fall within the notebook's `ratio_band`? The test `compare` applies, vectorized."""
+    _, low, high = ratio_band(np.median(notebook_on, axis=1), _spreads(notebook_on),
+                              np.median(notebook_off, axis=1), _spreads(notebook_off))
+    ratio = np.median(rerun_on, axis=1) / np.median(rerun_off, axis=1)
+    return (ratio >= low) & (ratio <= high)
+
+
+@functools.lru_cache(maxsize=None)
+def chance_within(notebook_repeats: int, rerun_repeats: int, trials: int = 200_000, seed: int = 0,
+                  noise: float = 0.08) -> float:
+    """The probability that this test passes on a perfectly stable machine: both arms measured with independent,
+    identically distributed normal noise (`noise`: its standard deviation relative to the mean; the answer barely
+    depends on it), `notebook_repeats` measurements of each arm give the notebook's band (`ratio_band` of the
+    medians and `harness.spread`s), `rerun_repeats` of each give the rerun's ratio of medians. Seeded simulation
+    of the very test 07 applies: what "within the notebook's spread" can be expected to give at best."""
+    if notebook_repeats < 1 or rerun_repeats < 1:
+        raise InvalidParameterError("need at least one measurement on each side")
+    rng = np.random.default_rng(seed)
+
+    def arm(repeats):
+        return 1 + noise * rng.standard_normal((trials, repeats))
+    return float(within_band(arm(notebook_repeats), arm(notebook_repeats), arm(rerun_repeats),
+                             arm(rerun_repeats)).mean())
+
+
+def repeats_for(probability: float, rows: int, largest: int = 40, trials: int = 20_000) -> int | None:
+    """The fewest repeats (the same on both sides, every row) with which all `rows` effects fall within their
+    notebook's band with at least `probability` on a perfectly stable machine (`chance_within`); None if more
+    than `largest` would be needed."""
+    if not 0 < probability < 1 or rows < 1:
+        raise InvalidParameterError(f"need 0 < probability < 1 and rows >= 1, got {probability} and {rows}")
+    return next((n for n in range(2, largest + 1) if chance_within(n, n, trials) ** rows >= probability), None)
+
+
+def _not_compared(name: str, why: str) -> dict:
+    return {"optimization": name, "metric": f"{METRICS[name][0]} with / without", "verdict": why}
+
+
+def _reproduce_one(name: str, condition: Condition | str, model, tokenizer) -> dict:
+    if not isinstance(condition, Condition):
+        return _not_compared(name, condition)
+    start = time.perf_counter()
+    try:
+        frame = measure(condition, model, tokenizer)
+    except InvalidParameterError as exc:  # e.g. a saved workload this tokenizer cannot rebuild
+        return _not_compared(name, f"not compared: {exc}")
+    return compare(condition, *effect(name, frame, condition.settings), time.perf_counter() - start)
+
+
+def reproduce(conditions: dict[str, Condition | str], model, tokenizer) -> pd.DataFrame:
+    """Re-measure every condition (`notebook_conditions`) on `model` and compare each ratio with its notebook's
+    band; a condition that could not be read or rebuilt gives a row that says why ('not compared: ...')."""
+    rows = [_reproduce_one(name, conditions.get(name, "not compared: no condition"), model, tokenizer)
+            for name in RESULTS]
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def counts(table: pd.DataFrame) -> dict[str, int | float]:
+    """How many rows were reproduced within the notebook's spread, had overlapping bands, were compared, in all;
+    how many of the compared ones would fall within on a perfectly stable machine, on average, and the chance
+    that all of them would (`chance_within` at each row's repeats, the same on both sides)."""
+    compared = table[table.rerun_ratio.notna()]
+    chances = [chance_within(int(r), int(r)) for r in compared.repeats]
+    return {"within": int((table.within_notebook_spread == True).sum()),  # noqa: E712 (NaN rows: not compared)
+            "overlapping": int((table.bands_overlap == True).sum()),  # noqa: E712
+            "compared": len(compared), "total": len(table),
+            "expected_within_if_stable": sum(chances), "chance_all_within_if_stable": float(np.prod(chances))}
+
+
+def projected_extra_s(table: pd.DataFrame, repeats: int) -> float:
+    """Seconds one side (the notebooks' or 07's) would add to re-measure every compared row with `repeats`
+    repeats, projected from the rows' measured `measure_s` per repeat they used (which includes the warm-up and
+    setup, so it leans high)."""
+    compared = table[table.rerun_ratio.notna()]
+    return float(sum(max(repeats - int(r), 0) * s / int(r) for r, s in zip(compared.repeats, compared.measure_s)))
+
+
+# ---- the stack's own steps: a different quantity
+
+MARGINAL_COLUMNS = ["optimization", "metric", "step", "marginal_ratio", "marginal_low", "marginal_high",
+                    "single_ratio", "marginal / single"]
+
+
+def marginal_effects(run: pd.DataFrame, order: list[str], labels: dict[str, str],
+                     batching: tuple[float, float, float] | None = None,
+                     singles: pd.DataFrame | None = None) -> pd.DataFrame:
+    """The marginal effect inside the stack: per optimization, the stack that adds it over the stack before it
+    (07's workload, `order` of stacking; `labels`: optimization -> configuration name), on the metric of
+    `METRICS`. `batching`: (ratio, low, high) of continuous / sequential on the stacked model; `singles`: the
+    `reproduce` table, whose re-measured single effect is shown beside for reading."""
+    table = run.set_index("configuration")
+    single = singles.set_index("optimization").rerun_ratio if singles is not None else pd.Series(dtype=float)
+    steps, previous = [], "baseline"
+    for name in order:
+        ratio, low, high = _rows_ratio(table.loc[labels[name]], table.loc[previous], METRICS[name][1])
+        steps.append((name, f"'{previous}' -> '{labels[name]}'", ratio, low, high))
+        previous = labels[name]
+    if batching is not None:
+        steps.append(("batching", "continuous / sequential on the stacked model", *batching))
+    rows = []
+    for name, step, ratio, low, high in steps:
+        alone = single.get(name, math.nan)
+        rows.append({"optimization": name, "metric": f"{METRICS[name][0]} with / without", "step": step,
+                     "marginal_ratio": ratio, "marginal_low": low, "marginal_high": high, "single_ratio": alone,
+                     "marginal / single": ratio / alone})
+    return pd.DataFrame(rows, columns=MARGINAL_COLUMNS)

@@ -1,0 +1,144 @@
+"""Speculative decoding as notebook 06 measures it: the workloads (open-ended, repeat, summarize), the sweep over
+drafters and k, and the comparison with the design document's estimates."""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Sequence
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from ..engine.generate import Decoder, GenerationConfig
+from ..hardware import contended
+from ..engine.speculative import Drafter, SpeculativeDecoder, expected_speedup
+from . import datasets
+from .harness import spread
+
+
+def grounded_passage(min_chars: int = 600, index: int = 0) -> str:
+    """A prose paragraph of the held-out text (data/text), line wraps joined: the passage the input-grounded
+    workloads repeat or summarize."""
+    paragraphs = [" ".join(p.split()) for p in datasets.evaluation_text("heldout").split("\n\n")
+                  if "::=" not in p and "***" not in p and not p.startswith(" ")]
+    return [p for p in paragraphs if len(p) >= min_chars][index]
+
+
+WORKLOADS = ("open-ended", "repeat", "summarize")
+
+
+def workload_prompts(tokenizer, kinds: Sequence[str] = ("open-ended", "repeat"), passage: str | None = None
+                     ) -> dict[str, list[int]]:
+    """Prompt ids per workload (chat template applied):
+    - 'open-ended': a chat question from data/prompts.jsonl (the answer is new text);
+    - 'repeat': "Repeat this passage exactly" + a held-out passage, the answer primed with the passage's first
+      five words (SmolLM2-135M otherwise often paraphrases or drifts; priming is a prefilled answer);
+    - 'summarize': "Summarize this passage" + the same passage (the answer reuses some of its phrases)."""
+    passage = passage or grounded_passage()
+
+    def chat(text: str) -> list[int]:
+        return list(tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                                  tokenize=True, return_dict=False))
+    out = {}
+    for kind in kinds:
+        if kind == "open-ended":
+            out[kind] = chat(datasets.prompts("chat")[1]["text"])
+        elif kind == "repeat":
+            out[kind] = chat("Repeat this passage exactly:\n\n" + passage) + tokenizer(
+                " ".join(passage.split()[:5])).input_ids
+        elif kind == "summarize":
+            out[kind] = chat("Summarize this passage:\n\n" + passage)
+        else:
+            raise InvalidParameterError(f"unknown workload {kind!r}; use one of {', '.join(WORKLOADS)}")
+    return out
+
+
+PLAIN = "plain (cached)"
+
+
+def sweep(model, tokenizer, drafters: dict[str, tuple[Drafter, Sequence[int]]], prompts: dict[str, list[int]],
+          new_tokens: int = 48, repeats: int = 2, warmup_tokens: int = 8, cache: str = "static",
+          progress: bool = True):
+    """Time the plain cached decoder and every (drafter, k) on every workload, greedy, interleaved per repeat.
+
+    drafters: name -> (drafter, the k values to try). Every configuration first runs once untimed for
+    `warmup_tokens` tokens. Returns one row per (workload, drafter, k): medians over the repeats, the same-run
+    speedup over the plain decoder, acceptance statistics, the measured cost ratios and Leviathan's expected
+    speedup for the measured acceptance, and whether every run's tokens equal the plain decoder's."""
+    plain = Decoder(model, tokenizer, cache=cache)
+    configs = [(PLAIN, 0, plain)] + [(name, k, SpeculativeDecoder(model, tokenizer, drafter, k, cache))
+                                     for name, (drafter, ks) in drafters.items() for k in ks]
+    config = GenerationConfig(max_new_tokens=new_tokens, ignore_eos=True)
+    rows = []
+    bar = tqdm(total=len(prompts) * len(configs) * (repeats + 1), desc="speculative sweep", disable=not progress,
+               leave=False)
+    for workload, prompt_ids in prompts.items():
+        runs = {(name, k): [] for name, k, _ in configs}
+        for _, _, decoder in configs:  # warm-up: every code path and shape once
+            decoder.generate(prompt_ids, GenerationConfig(max_new_tokens=warmup_tokens, ignore_eos=True))
+            bar.update()
+        for _ in range(repeats):
+            for name, k, decoder in configs:
+                cpu0, wall0 = time.process_time(), time.perf_counter()
+                result = decoder.generate(prompt_ids, config)
+                runs[(name, k)].append((result, time.perf_counter() - wall0, time.process_time() - cpu0))
+                bar.update()
+        reference = runs[(PLAIN, 0)]
+        plain_tokens_per_s = statistics.median(g.decode_tokens_per_s for g, _, _ in reference)
+        plain_e2e = statistics.median(new_tokens / wall for _, wall, _ in reference)
+        plain_step_s = 1 / plain_tokens_per_s
+        for (name, k), samples in runs.items():
+            decode = [g.decode_tokens_per_s for g, _, _ in samples]
+            e2e = [new_tokens / wall for _, wall, _ in samples]
+            cpu_ratio = sum(c for _, _, c in samples) / sum(w for _, w, _ in samples)
+            row = {"workload": workload, "drafter": name, "k": k, "prompt_tokens": len(prompt_ids),
+                   "new_tokens": new_tokens, "repeats": repeats,
+                   "decode_tokens_per_s": statistics.median(decode), "decode_tokens_per_s_spread": spread(decode),
+                   "end_to_end_tokens_per_s": statistics.median(e2e),
+                   "speedup": statistics.median(decode) / plain_tokens_per_s,
+                   "end_to_end_speedup": statistics.median(e2e) / plain_e2e,
+                   "tokens_identical": all(g.token_ids == reference[0][0].token_ids for g, _, _ in samples),
+                   "cpu_wall_ratio": cpu_ratio,
+                   "contended": contended(cpu_ratio, torch.get_num_threads())}
+            stats = samples[0][0].stats if name != PLAIN else None
+            if stats is not None:
+                draft_s = statistics.median(g.stats.draft_s / max(g.stats.drafted, 1) for g, _, _ in samples)
+                verify_s = statistics.median(g.stats.verify_s / g.stats.target_passes for g, _, _ in samples)
+                cost, verify_cost = draft_s / plain_step_s, verify_s / plain_step_s
+                row.update({key: stats.as_dict()[key] for key in (
+                    "target_passes", "drafted", "accepted", "acceptance_rate", "alpha", "accepted_per_pass")})
+                row.update({
+                    "tokens_per_pass": samples[0][0].tokens_per_pass,
+                    "draft_cost_ratio": cost, "verify_cost_ratio": verify_cost,
+                    "expected_speedup": expected_speedup(stats.alpha, k, cost),
+                    "expected_speedup_measured_verify": expected_speedup(stats.alpha, k, cost, verify_cost)})
+            rows.append(row)
+    bar.close()
+    return pd.DataFrame(rows)
+
+
+def document_comparison(results, estimates, k: int = 5, tolerance: float = 0.1):
+    """The document's acceptance -> speedup rows (k = 5) beside what was measured at k = `k`.
+
+    Per document row: Leviathan's expected speedup at that acceptance (free drafter, verification costing one
+    decode step), and the measured configurations whose per-token acceptance `alpha` lies within `tolerance`
+    of it, with their measured speedup and a verdict against the document's range."""
+    measured = results[(results.k == k) & (results.drafter != PLAIN)]
+    rows = []
+    for est in estimates.itertuples():
+        acceptance = float(est.condition.split("%")[0]) / 100
+        near = measured[(measured.alpha - acceptance).abs() <= tolerance]
+        row = {"document": est.document_text, "acceptance": acceptance,
+               "estimate_low": est.low, "estimate_high": est.high,
+               "leviathan_expected (c=0)": expected_speedup(acceptance, k, 0.0)}
+        if len(near):
+            best = near.iloc[(near.alpha - acceptance).abs().argmin()]
+            row.update({"measured_config": f"{best.drafter} / {best.workload} (k={k})",
+                        "measured_alpha": best.alpha, "measured_speedup": best.speedup,
+                        "verdict": datasets.verdict(best.speedup, est.low, est.high)})
+        else:
+            row.update({"measured_config": "none measured at this acceptance", "measured_alpha": float("nan"),
+                        "measured_speedup": float("nan"), "verdict": "not measured"})
+        rows.append(row)
+    return pd.DataFrame(rows)
