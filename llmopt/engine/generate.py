@@ -6,6 +6,9 @@ Per-token work in the cached loop is the model's forward and sampling; nothing i
 """
 from __future__ import annotations
 
+import numbers
+import operator
+import reprlib
 import time
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
@@ -21,6 +24,25 @@ from .sampling import SamplingParams, sample
 ENGINES = ("pytorch", "fused")
 
 
+def _token_ids(prompt) -> list[int]:
+    """A prompt given as ids, as a list of Python ints; InvalidParameterError for anything that is not ints."""
+    try:
+        items = list(prompt)
+    except TypeError:
+        raise InvalidParameterError(f"the prompt must be text (str) or a sequence of token ids, "
+                                    f"got {type(prompt).__name__}") from None
+    ids = []
+    for position, item in enumerate(items):
+        try:
+            if isinstance(item, bool):
+                raise TypeError
+            ids.append(operator.index(item))
+        except TypeError:
+            raise InvalidParameterError(f"prompt token ids must be ints (one flat sequence), got {reprlib.repr(item)} "
+                                        f"({type(item).__name__}) at position {position}") from None
+    return ids
+
+
 @dataclass(frozen=True)
 class GenerationConfig:
     max_new_tokens: int = 32
@@ -32,9 +54,20 @@ class GenerationConfig:
     ignore_eos: bool = False  # benchmarks generate a fixed number of tokens
 
     def __post_init__(self):
+        """Refuse bad values here, with their name, rather than as a traceback mid-generation."""
+        if not isinstance(self.max_new_tokens, numbers.Integral) or isinstance(self.max_new_tokens, bool):
+            raise InvalidParameterError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
         if self.max_new_tokens <= 0:
-            raise InvalidParameterError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
+            raise InvalidParameterError(f"max_new_tokens must be positive (an int >= 1), got {self.max_new_tokens}")
+        if self.seed is not None and (not isinstance(self.seed, numbers.Integral) or isinstance(self.seed, bool)):
+            raise InvalidParameterError(f"seed must be an int or None, got {self.seed!r}")
         self.sampling  # validates the sampling parameters
+        stops = self.stop_strings
+        if isinstance(stops, str):
+            raise InvalidParameterError(f"stop_strings must be a tuple of strings, not one string: use ({stops!r},)")
+        if not isinstance(stops, (tuple, list)) or not all(isinstance(s, str) and s for s in stops):
+            raise InvalidParameterError(f"stop_strings must be a tuple of non-empty strings, got {stops!r}")
+        object.__setattr__(self, "stop_strings", tuple(stops))  # a list works too; frozen stays hashable
 
     @property
     def sampling(self) -> SamplingParams:
@@ -126,14 +159,38 @@ class Decoder:
         return time.perf_counter() - start
 
     def encode(self, prompt: str | Sequence[int], chat: bool = False) -> list[int]:
-        """Token ids for a prompt given as text (optionally through the chat template) or as ids."""
-        if not isinstance(prompt, str):
-            return list(prompt)
+        """Token ids for a prompt given as text (optionally through the chat template) or as ids.
+
+        Raises InvalidParameterError for anything else (bytes, floats, nested lists), for text that is not valid
+        UTF-8 (lone surrogates) and for ids outside the model's vocabulary."""
+        if isinstance(prompt, str):
+            ids = self._encode_text(prompt, chat)
+        elif isinstance(prompt, (bytes, bytearray, memoryview)):
+            raise InvalidParameterError("the prompt must be text (str) or a sequence of token ids, not bytes: "
+                                        "decode it first, e.g. prompt.decode('utf-8')")
+        else:
+            ids = _token_ids(prompt.tolist() if isinstance(prompt, torch.Tensor) else prompt)
+        vocab = self.model.config.vocab_size
+        bad = next((i for i, t in enumerate(ids) if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidParameterError(f"prompt token id {ids[bad]} (position {bad}) is outside the model's "
+                                        f"vocabulary: ids must be in [0, {vocab})")
+        return ids
+
+    def _encode_text(self, prompt: str, chat: bool) -> list[int]:
+        if self.tokenizer is None:
+            raise InvalidParameterError("a text prompt needs a tokenizer: give Decoder one or pass token ids")
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InvalidParameterError(
+                f"the prompt is not valid UTF-8 text: lone surrogate {prompt[exc.start:exc.end]!r} at position "
+                f"{exc.start} (from bytes that are not UTF-8?)") from None
         if chat:
             return list(self.tokenizer.apply_chat_template(
                 [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True,
                 return_dict=False))
-        return self.tokenizer(prompt).input_ids
+        return list(self.tokenizer(prompt).input_ids)
 
     def generate(self, prompt: str | Sequence[int], config: GenerationConfig = GenerationConfig(),
                  chat: bool = False) -> Generation:

@@ -23,6 +23,7 @@ ones. The Hessians come from forward pre-hooks on the linear layers; nothing is 
 """
 from __future__ import annotations
 
+import numbers
 from contextlib import contextmanager
 
 import torch
@@ -170,6 +171,7 @@ def quantize_weights(model: nn.Module, calibration_ids: torch.Tensor, names: lis
 
     The model's dense weights are replaced by their dequantized values as it goes (so later blocks see
     quantized earlier blocks); the caller swaps in the packed modules afterwards. lm_head: 'gptq' or 'rtn'."""
+    check_calibration_ids(calibration_ids, model.embed_tokens.num_embeddings)
     if model.lm_head.weight is model.embed_tokens.weight and "lm_head" in names:
         model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())  # never write into the embedding
     device = next(model.parameters()).device
@@ -205,6 +207,20 @@ def quantize_weights(model: nn.Module, calibration_ids: torch.Tensor, names: lis
     return results
 
 
+def check_calibration_ids(calibration_ids, vocab_size: int) -> None:
+    """InvalidParameterError unless `calibration_ids` is an integer tensor [n >= 1, T >= 1] of ids in the vocabulary."""
+    ids = calibration_ids
+    if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        kind = f"a {ids.dtype} tensor" if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise InvalidParameterError(f"GPTQ calibration_ids must be an integer tensor [n_samples, length], got {kind}")
+    if ids.dim() != 2 or ids.shape[0] < 1 or ids.shape[1] < 1:
+        raise InvalidParameterError(f"GPTQ calibration_ids must have shape [n_samples >= 1, length >= 1], "
+                                    f"got {list(ids.shape)}")
+    if int(ids.min()) < 0 or int(ids.max()) >= vocab_size:
+        raise InvalidParameterError(f"GPTQ calibration_ids must be token ids in [0, {vocab_size}), got values from "
+                                    f"{int(ids.min())} to {int(ids.max())}")
+
+
 def _layers_by_input(block: nn.Module, linears: dict[str, nn.Linear], x: torch.Tensor, rest: tuple) -> list:
     """Run `block` once, accumulating one Hessian per distinct input tensor; linears fed the same tensor
     (q/k/v, gate/up) share it and are quantized together. Returns [[(name, accumulator), ...], ...]."""
@@ -237,6 +253,9 @@ def _layers_by_input(block: nn.Module, linears: dict[str, nn.Linear], x: torch.T
 
 def calibration_batch(tokenizer, text: str, samples: int = 8, length: int = 256, seed: int = 0) -> torch.Tensor:
     """`samples` windows of `length` token ids drawn at random (seeded) from `text`, as one batch [samples, length]."""
+    for name, value in (("samples", samples), ("length", length)):
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+            raise InvalidParameterError(f"calibration {name} must be an int >= 1, got {value!r}")
     ids = torch.tensor(tokenizer(text).input_ids)
     if len(ids) < length + 1:
         raise InvalidParameterError(f"calibration text has {len(ids)} tokens, fewer than length={length}")

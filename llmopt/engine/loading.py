@@ -111,8 +111,34 @@ def load_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
         raise ModelNotFoundError(f"{checkpoint} holds no *.safetensors weights")
     state = {}
     for f in files:
-        state.update(load_file(str(f)))
+        try:
+            state.update(load_file(str(f)))
+        except Exception as exc:  # noqa: BLE001 - SafetensorError, OSError: a truncated or foreign file
+            raise ModelNotFoundError(f"{f} is not a readable safetensors file: {_one_line(exc)}") from None
     return state
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception's message on one line (the command line prints errors as one line)."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _read_config(checkpoint: Path):
+    """transformers' config for `checkpoint`, with config.json checked to be JSON first (named in the error)."""
+    from transformers import AutoConfig
+
+    path = checkpoint / "config.json"
+    if path.is_file():
+        try:
+            json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, OSError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise ModelNotFoundError(f"{path} is not a readable JSON file: {_one_line(exc)}") from None
+    try:
+        return AutoConfig.from_pretrained(checkpoint)
+    except ValueError as exc:  # an architecture transformers itself does not know
+        raise UnsupportedModelError(f"cannot read the config in {checkpoint}: {_one_line(exc)}") from None
+    except OSError as exc:
+        raise ModelNotFoundError(f"cannot read the config in {checkpoint}: {_one_line(exc)}") from None
 
 
 @dataclass
@@ -154,18 +180,14 @@ def load_model(name_or_path: str | None = None, dtype: str | torch.dtype = "fp32
 
     kernels: "auto" runs the linear layers' decode-size products on our CPU GEMV (`llmopt.engine.cpu_kernels`) where it
     builds; "torch" keeps PyTorch's matmul everywhere; "llmopt" insists on ours (an error where it cannot run)."""
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from . import cpu_kernels
 
     torch_dtype = resolve_dtype(dtype)
     device = resolve_device(device)
     checkpoint = resolve_checkpoint(name_or_path)
-    try:
-        hf_config = AutoConfig.from_pretrained(checkpoint)
-    except ValueError as exc:  # an architecture transformers itself does not know
-        raise UnsupportedModelError(f"cannot read the config in {checkpoint}: {exc}") from None
-    cfg = ModelConfig.from_hf(hf_config)
+    cfg = ModelConfig.from_hf(_read_config(checkpoint))
     if kernels not in ("auto", "torch", "llmopt"):
         raise InvalidParameterError(f"unknown kernels {kernels!r}; use auto, torch or llmopt")
     ours = kernels != "torch" and cpu_kernels.runs_on(device)
@@ -175,7 +197,10 @@ def load_model(name_or_path: str | None = None, dtype: str | torch.dtype = "fp32
     model = build_model(cfg, load_state_dict(checkpoint), torch_dtype, device)
     if ours:
         cpu_kernels.use_gemv(model)
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    except Exception as exc:  # noqa: BLE001 - missing or unreadable tokenizer files
+        raise ModelNotFoundError(f"cannot load the tokenizer in {checkpoint}: {_one_line(exc)}") from None
     is_default = checkpoint == cache_dir() / "models" / DEFAULT_MODEL
     return LoadedModel(model, tokenizer, checkpoint, DEFAULT_MODEL if is_default else str(name_or_path),
                        torch_dtype, device, DEFAULT_MODEL_NOTE if is_default else f"checkpoint {checkpoint}",
@@ -192,8 +217,17 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InvalidParameterError("device 'cuda' was asked for but no CUDA GPU is available")
-    return device
+    """`device` as a torch.device: 'cpu' or 'cuda' / 'cuda:N' (where that GPU exists), else InvalidParameterError."""
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        resolved = None
+    if resolved is None or resolved.type not in ("cpu", "cuda"):
+        raise InvalidParameterError(f"unknown device {str(device)!r}; use 'cpu' or 'cuda' (or 'cuda:N')")
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidParameterError(f"device {str(device)!r} was asked for but no CUDA GPU is available")
+    if resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():
+        raise InvalidParameterError(f"device {str(device)!r} does not exist: this machine has "
+                                    f"{torch.cuda.device_count()} CUDA GPU(s)")
+    return resolved
 

@@ -1,11 +1,19 @@
 """Turning logits into the next token: greedy, or sampling with temperature, top-k and top-p, seeded."""
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
 import torch
 
 from ..errors import InvalidParameterError
+
+
+def _finite(value, integral: bool = False) -> bool:
+    """A finite real (or integral) number, not a bool."""
+    kind = numbers.Integral if integral else numbers.Real
+    return isinstance(value, kind) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass(frozen=True)
@@ -15,8 +23,14 @@ class SamplingParams:
     top_p: float = 1.0
 
     def __post_init__(self):
-        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
-            raise InvalidParameterError("need temperature >= 0, top_k >= 0 and 0 < top_p <= 1")
+        """Refuse what would fail or sample noise later: NaN, infinity, wrong types (bool is not a number here)."""
+        if not (_finite(self.temperature) and self.temperature >= 0):
+            raise InvalidParameterError(f"temperature must be a finite number >= 0 (0 = greedy), "
+                                        f"got {self.temperature!r}")
+        if not (_finite(self.top_k, integral=True) and self.top_k >= 0):
+            raise InvalidParameterError(f"top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
+        if not (_finite(self.top_p) and 0 < self.top_p <= 1):
+            raise InvalidParameterError(f"top_p must be a number with 0 < top_p <= 1, got {self.top_p!r}")
 
     @property
     def greedy(self) -> bool:
