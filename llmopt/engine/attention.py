@@ -31,6 +31,14 @@ def causal_mask(query_length: int, key_length: int, device=None) -> torch.Tensor
     return torch.ones(query_length, key_length, dtype=torch.bool, device=device).tril(key_length - query_length)
 
 
+def sliding_window_mask(query_length: int, key_length: int, window: int, device=None) -> torch.Tensor:
+    """Bool [T, S]: `causal_mask` where query i (at position S - T + i) also sees only keys within `window`
+    positions of it (Mistral: position - key < window)."""
+    query = torch.arange(key_length - query_length, key_length, device=device)[:, None]
+    key = torch.arange(key_length, device=device)[None, :]
+    return (key <= query) & (query - key < window)
+
+
 def _expand_kv(k: torch.Tensor, num_heads: int) -> torch.Tensor:
     groups = num_heads // k.shape[1]
     return k if groups == 1 else k.repeat_interleave(groups, dim=1)

@@ -1,7 +1,8 @@
 """Model configuration: one small dataclass, built from a Hugging Face config.
 
 Covers the Llama / Qwen2 / Mistral family: RMSNorm, RoPE (default, linear, dynamic-NTK, llama3, yarn
-scaling), grouped-query attention, SwiGLU MLP, optional q/k/v bias (Qwen2) and tied embeddings.
+scaling), grouped-query attention, SwiGLU MLP, optional q/k/v bias (Qwen2), tied embeddings and Mistral's
+sliding-window attention.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ class ModelConfig:
     model_type: str = "llama"
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    sliding_window: int | None = None  # Mistral: each query sees only the last `sliding_window` keys
 
     @property
     def num_params(self) -> int:
@@ -61,6 +63,10 @@ class ModelConfig:
         rope_type = rope.get("rope_type", rope.get("type", "default")) or "default"
         rope["rope_type"] = rope_type
         rope.pop("type", None)
+        if model_type == "qwen2" and getattr(hf_config, "use_sliding_window", False):
+            raise UnsupportedModelError("Qwen2 with use_sliding_window=True (a window on some layers only) is not "
+                                        "implemented; llmopt runs Qwen2 checkpoints with full attention")
+        window = getattr(hf_config, "sliding_window", None) if model_type == "mistral" else None
         eos = getattr(hf_config, "eos_token_id", None)
         eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
         return cls(
@@ -80,4 +86,19 @@ class ModelConfig:
             model_type=model_type,
             bos_token_id=getattr(hf_config, "bos_token_id", None),
             eos_token_ids=eos_ids,
+            sliding_window=int(window) if window else None,
         )
+
+
+def truncated_hf_config(hf_config, num_layers: int):
+    """A copy of a transformers config for the model's first `num_layers` blocks, its per-layer lists
+    (`layer_types`, Qwen2's `max_window_layers`) cut to match, as transformers 5's validation requires."""
+    import copy
+
+    config = copy.deepcopy(hf_config)
+    config.num_hidden_layers = num_layers
+    if getattr(config, "layer_types", None) is not None:
+        config.layer_types = list(config.layer_types)[:num_layers]
+    if getattr(config, "max_window_layers", None) is not None:
+        config.max_window_layers = min(config.max_window_layers, num_layers)
+    return config

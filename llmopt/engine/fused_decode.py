@@ -172,7 +172,9 @@ class FusedDecodeStep:
         position = int(positions[0])
         consecutive = count == 1 or (positions.numel() == count
                                      and torch.equal(positions, torch.arange(position, position + count)))
-        if not consecutive or slot + count > cache.max_length or position + count > self.model.rope_cos.shape[0]:
+        window = self.model.config.sliding_window
+        if (not consecutive or slot + count > cache.max_length or position + count > self.model.rope_cos.shape[0]
+                or (window and slot + count > window)):  # the C step attends every key: not past a window
             return self.model(tokens, positions, cache, last_only=last_only)  # the model (or its clear error)
         if self.model.embed_tokens.weight.data_ptr() != self._embed_pointer:  # the weights moved (e.g. `.to()`)
             reason = supported(self.model)

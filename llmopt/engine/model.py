@@ -18,7 +18,7 @@ from torch import nn
 
 from . import attention
 from .config import ModelConfig
-from ..errors import UnsupportedModelError
+from ..errors import InvalidParameterError, UnsupportedModelError
 
 ROPE_TABLE_MAX = 65536  # positions; beyond this cos/sin are computed per call instead of tabulated
 
@@ -93,6 +93,7 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.sliding_window = cfg.sliding_window
         d = cfg.hidden_size
         self.q_proj = nn.Linear(d, cfg.num_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.k_proj = nn.Linear(d, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
@@ -107,6 +108,12 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
+        if self.sliding_window and k.shape[2] > self.sliding_window:
+            if mask is not None:  # padded or packed batches: their keys are not at positions 0 .. S-1
+                raise InvalidParameterError(
+                    f"sequences beyond the sliding window ({self.sliding_window} tokens) run only through the "
+                    "plain decoder (batch 1); use shorter sequences or a model without a sliding window")
+            mask = attention.sliding_window_mask(length, k.shape[2], self.sliding_window, x.device)[None, None]
         y = attend(q, k, v, mask)
         return self.o_proj(y.transpose(1, 2).reshape(batch, length, -1))
 

@@ -52,3 +52,41 @@ def truncated(model, num_layers: int):
     model.layers = model.layers[:num_layers]
     model.config.num_layers = num_layers
     return model
+
+
+# Random-weight checkpoints with the widths real checkpoints have and round numbers lack: hidden and
+# intermediate sizes that 64 does not divide, odd head counts, GQA ratios 1 and 4, tied and untied heads, q/k/v
+# biases, a sliding window. SmolLM2's tokenizer gives them a real vocabulary, so every notebook runs on them.
+AWKWARD = {
+    "llama": dict(hidden_size=96, intermediate_size=224, num_hidden_layers=2, num_attention_heads=3,
+                  num_key_value_heads=3, tie_word_embeddings=True),
+    "qwen2": dict(hidden_size=128, intermediate_size=352, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=1, tie_word_embeddings=False),
+    "mistral": dict(hidden_size=160, intermediate_size=416, num_hidden_layers=2, num_attention_heads=5,
+                    num_key_value_heads=5, tie_word_embeddings=False, sliding_window=4096),
+}
+
+
+def save_random_checkpoint(directory, model_type: str, tokenizer_dir, seed: int = 0, **overrides):
+    """Save a seeded random-weight transformers checkpoint of `model_type` with the AWKWARD widths (and
+    `overrides`) and the tokenizer files of `tokenizer_dir` into `directory`; returns the directory."""
+    import shutil
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    kwargs = {**AWKWARD[model_type], "vocab_size": len(tokenizer), "max_position_embeddings": 8192,
+              "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+              "pad_token_id": tokenizer.pad_token_id, **overrides}
+    config = tiny_hf_config(model_type, **kwargs)
+    config.initializer_range = 0.2  # peaked logits, as tiny_pair
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    directory = Path(directory)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    template = Path(tokenizer_dir) / "chat_template.jinja"
+    if template.exists():
+        shutil.copy(template, directory / template.name)
+    return directory

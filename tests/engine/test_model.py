@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from llmopt.engine.config import ModelConfig
+from llmopt.engine.config import ModelConfig, truncated_hf_config
+from llmopt.engine.kv_cache import make_cache
 from llmopt.errors import UnsupportedModelError
 from llmopt.engine.testing import tiny_hf_config, tiny_pair
 
@@ -27,6 +28,31 @@ def test_logits_match_transformers(model_type):
     tokens = torch.randint(0, 96, (2, 33))
     with torch.no_grad():
         assert max_relative_error(ours(tokens, torch.arange(33)), hf(tokens).logits) <= 1e-4
+
+
+def test_sliding_window_matches_transformers_past_the_window():
+    """Mistral's sliding window (8 keys here) on 33 tokens: prefill, then cached decode steps past the window."""
+    hf, ours = tiny_pair("mistral", sliding_window=8)
+    assert ours.config.sliding_window == 8
+    tokens = torch.randint(0, 96, (1, 33))
+    with torch.no_grad():
+        assert max_relative_error(ours(tokens, torch.arange(33)), hf(tokens).logits) <= 1e-4
+        cache = make_cache("static", ours.config, 40)
+        ours(tokens[:, :20], torch.arange(20), cache)
+        for position in range(20, 33):
+            step = ours(tokens[:, position:position + 1], torch.arange(position, position + 1), cache)
+            reference = hf(tokens[:, :position + 1]).logits[:, -1:]
+            assert max_relative_error(step, reference) <= 1e-4, position
+
+
+def test_truncated_hf_config_keeps_per_layer_lists_consistent():
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_hf_config("qwen2", num_hidden_layers=3)
+    config.layer_types = ["full_attention"] * 3
+    cut = truncated_hf_config(config, 2)
+    assert cut.num_hidden_layers == 2 and len(cut.layer_types) == 2 and config.num_hidden_layers == 3
+    AutoModelForCausalLM.from_config(cut)  # transformers 5 validates the lists against the layer count
 
 
 @pytest.mark.parametrize("variant", sorted(ROPE_VARIANTS))
