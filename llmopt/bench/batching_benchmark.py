@@ -1,25 +1,28 @@
 """Benchmarks of the batching schedulers: grids of runs, same-run ratios, the equivalence check, the document's table.
 
-A *grid* replays each workload once per (scheduler, max_batch) configuration, in a fixed interleaved order inside
-each repeat, so slow drifts of a shared machine hit every configuration alike; ratios are taken between runs
-of the same grid. "Concurrency c" means at most c requests in flight (`max_batch=c`) over a backlog of
-requests: the sequential scheduler always has one in flight, so it is run once per workload and is the baseline
-of every ratio. transformers' continuous batching (`ContinuousBatchingManager`, the engine behind
-`generate_batch`) can be run on the same requests for comparison.
+A *grid* replays each workload once per (scheduler, max_batch) configuration in every round (`rounds.run_rounds`,
+a shuffled order per round), so slow drifts of a shared machine hit every configuration alike; ratios are taken
+between runs of the same grid, paired by round (`repeat`). "Concurrency c" means at most c requests in flight
+(`max_batch=c`) over a backlog of requests: the sequential scheduler always has one in flight, so it is run once
+per workload and is the baseline of every ratio. transformers' continuous batching (`ContinuousBatchingManager`,
+the engine behind `generate_batch`) can be run on the same requests for comparison.
 """
 from __future__ import annotations
 
+import functools
 import math
 import time
 from typing import Sequence
 
+import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
 from . import datasets
 from ..engine.batching import SCHEDULERS, RequestRecord, RunResult, run
 from ..errors import InvalidParameterError
-from .harness import spread
+from .harness import paired_interval, spread
+from .rounds import run_rounds
+from .stats import Interval, ratio_interval
 from ..engine.batching import Request
 from .workload import Workload
 
@@ -42,41 +45,83 @@ def configurations(concurrencies: Sequence[int], schedulers: Sequence[str] = SCH
     return pairs + [(s, c) for c in concurrencies for s in schedulers if s != "sequential"]
 
 
+def arm_name(workload: str, scheduler: str, max_batch: int) -> str:
+    """The arm of one (workload, scheduler, max_batch) in `run_grid`'s rounds."""
+    return f"{workload} | {scheduler} | max_batch={max_batch}"
+
+
 def run_grid(model, workloads: dict[str, Workload], configs: Sequence[tuple[str, int]], repeats: int = 1,
              timeout_ms: float = 50.0, tokenizer=None, progress: bool = True,
-             repeat_only: Sequence[int] | None = None) -> tuple[pd.DataFrame, dict]:
-    """Run every configuration on every workload `repeats` times; (one stats row per run, {key: RunResult}).
+             repeat_only: Sequence[int] | None = None, warmup: int = 0) -> tuple[pd.DataFrame, dict]:
+    """Run every configuration on every workload in `repeats` paired rounds; (a stats row per run, {key: RunResult}).
 
-    Keys are (workload label, scheduler, max_batch, repeat); a scheduler may be a label of `VARIANTS`.
-    `repeat_only`: after the first round, only the configurations at these max_batch values run again (with the
-    sequential baseline, which every ratio is paired with); None: all of them."""
+    Rounds come from `rounds.run_rounds`: each round runs every (workload, configuration) once, in a shuffled
+    order, after `warmup` untimed runs of each (default none: the notebooks warm the schedulers up on short
+    requests first). Keys are (workload label, scheduler, max_batch, repeat = round); a scheduler may be a label
+    of `VARIANTS`. `repeat_only`: after the first round, only the configurations at these max_batch values run
+    again (with the sequential baseline, which every ratio is paired with); None: all of them. Rows: the run's
+    `stats()` (its `contended` flag judged on its forward time's CPU/wall ratio, given as `cpu_wall_ratio`: a
+    scheduler waiting for arrivals is idle, not contended), and the timed call's `call_wall_s`,
+    `call_cpu_wall_ratio` and `position` in the round."""
     def runs_in(repeat: int, scheduler: str, max_batch: int) -> bool:
         return repeat == 0 or repeat_only is None or scheduler == "sequential" or max_batch in repeat_only
 
-    planned = sum(runs_in(r, *c) for r in range(repeats) for c in configs)
+    arms, keys = {}, {}
+    for label, wl in workloads.items():
+        for scheduler, max_batch in configs:
+            name, options = VARIANTS.get(scheduler, (scheduler, {}))
+            arms[arm_name(label, scheduler, max_batch)] = functools.partial(
+                run, name, model, wl.requests, max_batch, timeout_ms, tokenizer=tokenizer, **options)
+            keys[arm_name(label, scheduler, max_batch)] = (label, scheduler, max_batch)
+    bar = "batching runs" if progress else None
+    if repeat_only is None or repeats == 1:
+        parts = [(run_rounds(arms, rounds=repeats, warmup=warmup, progress=bar), 0)]
+    else:  # round 0: every configuration; rounds 1..: the repeated ones, numbered on
+        parts = [(run_rounds(arms, rounds=1, warmup=warmup, progress=bar), 0)]
+        later = {arm: fn for arm, fn in arms.items() if runs_in(1, *keys[arm][1:])}
+        parts.append((run_rounds(later, rounds=repeats - 1, warmup=0, seed=1, progress=bar), 1))
+    timed: dict[tuple[str, int], tuple[RunResult, pd.Series]] = {}
+    for part, first_round in parts:
+        calls = part.frame.set_index(["arm", "round"])
+        for arm in part.arms:
+            for r, result in enumerate(part.results(arm)):
+                timed[(arm, first_round + r)] = (result, calls.loc[(arm, r)])
     rows, runs = [], {}
-    bar = tqdm(total=planned * len(workloads), desc="batching runs", disable=not progress, leave=False)
     for repeat in range(repeats):
         for label, wl in workloads.items():
             for scheduler, max_batch in configs:
-                if not runs_in(repeat, scheduler, max_batch):
+                if (arm_name(label, scheduler, max_batch), repeat) not in timed:
                     continue
-                name, options = VARIANTS.get(scheduler, (scheduler, {}))
-                result = run(name, model, wl.requests, max_batch, timeout_ms, tokenizer=tokenizer, **options)
+                result, call = timed[(arm_name(label, scheduler, max_batch), repeat)]
                 result.scheduler = scheduler  # a variant keeps its label in the tables
                 runs[(label, scheduler, max_batch, repeat)] = result
+                stats = result.stats()
                 rows.append({"workload": label, "arrival": wl.params.arrival, "rate_per_s": wl.params.rate_per_s,
-                             "repeat": repeat, **result.stats()})
-                bar.update()
-    bar.close()
+                             "repeat": repeat, **stats, "cpu_wall_ratio": stats["forward_cpu_wall_ratio"],
+                             "call_wall_s": call["wall_s"], "call_cpu_wall_ratio": call["cpu_wall_ratio"],
+                             "position": int(call["position"])})
     return pd.DataFrame(rows), runs
+
+
+def _paired_with_sequential(frame: pd.DataFrame, keys: tuple[str, str, int], metric: str, name: str) -> dict:
+    """Interval columns of metric(run) / metric(the sequential run of the same workload and repeat)."""
+    workload, scheduler, max_batch = keys
+    sequential = frame[frame.scheduler == "sequential"].groupby(["workload", "repeat"])[metric].median()
+    mine = frame[(frame.workload == workload) & (frame.scheduler == scheduler) & (frame.max_batch == max_batch)]
+    pairs = [(value, sequential[(workload, r)]) for r, value in zip(mine.repeat, mine[metric])
+             if (workload, r) in sequential.index]
+    return paired_interval(name, [n for n, _ in pairs], [d for _, d in pairs])
 
 
 def summarize(frame: pd.DataFrame) -> pd.DataFrame:
     """Median over repeats per (workload, scheduler, max_batch), the spread of throughput, and the same-run
-    throughput and p50-latency ratios against the sequential scheduler on the same workload."""
+    throughput and p50-latency ratios against the sequential scheduler on the same workload.
+
+    throughput_vs_sequential and latency_p50_vs_sequential are ratios of medians; throughput_ratio_low/high the
+    range of the paired repeats' ratios; each ratio also gets its paired-round geometric mean with a 95%
+    interval (`<ratio>_geomean`, `<ratio>_low`, `<ratio>_high`, `<ratio>_rounds`)."""
     keys = ["workload", "scheduler", "max_batch"]
-    metrics = [m for m in METRICS if m in frame.columns]
+    metrics = [m for m in METRICS + ["cpu_wall_ratio"] if m in frame.columns]
     grouped = frame.groupby(keys, sort=False)
     summary = grouped[metrics].median()
     summary["tokens_per_s_spread"] = grouped["tokens_per_s"].agg(spread)
@@ -88,7 +133,10 @@ def summarize(frame: pd.DataFrame) -> pd.DataFrame:
     baseline = summary[summary.scheduler == "sequential"].set_index("workload")
     summary["throughput_vs_sequential"] = summary.tokens_per_s / summary.workload.map(baseline.tokens_per_s)
     summary["latency_p50_vs_sequential"] = summary.latency_p50_s / summary.workload.map(baseline.latency_p50_s)
-    return summary
+    intervals = [{**_paired_with_sequential(frame, row, "tokens_per_s", "throughput_vs_sequential"),
+                  **_paired_with_sequential(frame, row, "latency_p50_s", "latency_p50_vs_sequential")}
+                 for row in zip(summary.workload, summary.scheduler, summary.max_batch)]
+    return pd.concat([summary, pd.DataFrame(intervals, index=summary.index)], axis=1)
 
 
 def paired_ratios(frame: pd.DataFrame) -> pd.Series:
@@ -106,6 +154,14 @@ def paired_scheduler_ratio(frame: pd.DataFrame, scheduler: str, baseline: str, m
     of a repeat are interleaved, minutes apart at most)."""
     rows = frame[(frame.workload == workload) & (frame.max_batch == max_batch)].set_index(["scheduler", "repeat"])
     return (rows.loc[scheduler].tokens_per_s / rows.loc[baseline].tokens_per_s).rename(f"{scheduler} / {baseline}")
+
+
+def paired_scheduler_interval(frame: pd.DataFrame, scheduler: str, baseline: str, max_batch: int,
+                              workload: str = "burst") -> Interval:
+    """`paired_scheduler_ratio`'s per-repeat ratios as one estimate: their geometric mean with a 95% t-interval
+    (`stats.ratio_interval`; one repeat gives no interval)."""
+    ratios = paired_scheduler_ratio(frame, scheduler, baseline, max_batch, workload).dropna()
+    return ratio_interval(ratios.to_numpy(dtype=float))
 
 
 def by_concurrency(summary: pd.DataFrame, concurrencies: Sequence[int],
@@ -136,7 +192,8 @@ def answer_length_table(summary: pd.DataFrame, workloads: dict[str, Workload], c
                         scheduler: str = "continuous") -> pd.DataFrame:
     """One row per workload (the same prompts with other output caps): its caps, prompt and generated tokens, the
     share of the sequential scheduler's forward time spent in prefill, and `scheduler`'s throughput over the
-    sequential scheduler's at `concurrency` (the ratio of medians and the range of the paired repeats).
+    sequential scheduler's at `concurrency` (the ratio of medians, the range of the paired repeats, and their
+    geometric mean with a 95% interval: `throughput_vs_sequential_geomean`, `_low`, `_high`, `_rounds`).
 
     Batching makes decode steps cheap per token and prefill barely cheaper, so at a fixed concurrency its gain
     depends on how much of the work is decode: this is that dependence, measured."""
@@ -149,7 +206,9 @@ def answer_length_table(summary: pd.DataFrame, workloads: dict[str, Workload], c
                      "sequential_prefill_share": sequential.prefill_s / sequential.forward_s,
                      "throughput_vs_sequential": batched.throughput_vs_sequential,
                      "throughput_ratio_low": batched.throughput_ratio_low,
-                     "throughput_ratio_high": batched.throughput_ratio_high, "repeats": int(batched.repeats)})
+                     "throughput_ratio_high": batched.throughput_ratio_high, "repeats": int(batched.repeats),
+                     **{f"throughput_vs_sequential{suffix}": batched.get(f"throughput_vs_sequential{suffix}", np.nan)
+                        for suffix in ("_geomean", "_low", "_high", "_rounds")}})
     return pd.DataFrame(rows)
 
 

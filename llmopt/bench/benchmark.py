@@ -1,21 +1,24 @@
-"""Generation benchmarks shared by the notebooks: engines timed round-robin in one run, tidy rows out.
+"""Generation benchmarks shared by the notebooks: engines timed in paired rounds in one run, tidy rows out.
 
-An *engine* is a function `(prompt_ids, new_tokens) -> Generation`. Engines are interleaved inside each repeat
-(engine A, engine B, engine A, ...) so slow drifts of a shared machine hit all of them alike, and every ratio
-is computed from medians measured in the same run.
+An *engine* is a function `(prompt_ids, new_tokens) -> Generation`. Engines run in rounds (`rounds.run_rounds`:
+every engine at every prompt length once per round, in a shuffled order) so slow drifts of a shared machine hit
+all of them alike; ratios are computed from medians measured in the same run, and with an interval from the
+rounds' paired ratios (`ratio_intervals`).
 """
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from typing import Callable
 
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from ..engine.generate import Decoder, Generation, GenerationConfig
-from .harness import spread
+from ..hardware import contended
+from .harness import light_rounds, paired_interval, spread
+from .rounds import run_rounds
 
 Engine = Callable[[list[int], int], Generation]
 
@@ -79,38 +82,51 @@ def transformers_generate(hf_model, use_cache: bool, **kwargs) -> Engine:
     return run
 
 
+def arm_name(engine: str, prompt_length: int) -> str:
+    """The arm of one (engine, prompt length) in `compare`'s rounds (`frame.attrs["rounds"]`)."""
+    return f"{engine} @ {prompt_length} prompt tokens"
+
+
 def compare(engines: dict[str, Engine], prompt_lengths: list[int], new_tokens: int, tokenizer,
             repeats: int = 3, warmup: int = 1, progress: bool = True) -> pd.DataFrame:
-    """Time every engine at every prompt length, interleaved; one row per (engine, prompt length).
+    """Time every engine at every prompt length in paired rounds; one row per (engine, prompt length).
 
-    Each repeat runs every (prompt length, engine) once, in that order, so a repeat of one condition is a whole
-    pass of the others away from the next: the host's slow drift (tens of percent within a minute on shared
-    machines) lands in every condition's spread instead of between conditions. `warmup` untimed runs per engine
-    happen first, at the first prompt length."""
+    `warmup` untimed runs per engine happen first, at the first prompt length. Then `repeats` rounds
+    (`rounds.run_rounds`): each round runs every (prompt length, engine) once, in a seeded shuffled order, so the
+    host's slow drift (tens of percent within a minute on shared machines) lands in every condition alike, and a
+    round's ratio between two engines cancels it. Rows: medians and spreads over the rounds, CPU/wall ratio and
+    `contended` (`hardware.contended`). `frame.attrs["rounds"]`: the per-round values (a `rounds.Rounds`, one
+    row per call with engine, prompt_tokens, decode_tokens_per_s, time_to_first_token_s,
+    end_to_end_tokens_per_s, wall_s, cpu_wall_ratio, contended), which `ratio_intervals` pairs."""
     prompts = {length: prompt_of_length(tokenizer, length) for length in prompt_lengths}
-    samples: dict[tuple[int, str], list[tuple[Generation, float, float]]] = {
-        (length, name): [] for length in prompt_lengths for name in engines}
-    bar = tqdm(total=(len(prompt_lengths) * repeats + warmup) * len(engines), desc="generation benchmark",
-               disable=not progress, leave=False)
     for _ in range(warmup):
         for engine in engines.values():
             engine(prompts[prompt_lengths[0]], new_tokens)
-            bar.update()
-    for _ in range(repeats):
-        for length in prompt_lengths:
-            for name, engine in engines.items():
-                cpu0, wall0 = time.process_time(), time.perf_counter()
-                result = engine(prompts[length], new_tokens)
-                wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
-                samples[(length, name)].append((result, wall, cpu))
-                bar.update()
-    bar.close()
-    return pd.DataFrame([summarize(name, length, new_tokens, runs) for (length, name), runs in samples.items()])
+    arms, keys = {}, {}
+    for length in prompt_lengths:
+        for name, engine in engines.items():
+            arms[arm_name(name, length)] = functools.partial(engine, prompts[length], new_tokens)
+            keys[arm_name(name, length)] = (name, length)
+    timed = run_rounds(arms, rounds=repeats, warmup=0, progress="generation benchmark" if progress else None,
+                       metrics=lambda g: {"decode_tokens_per_s": g.decode_tokens_per_s,
+                                          "time_to_first_token_s": g.time_to_first_token_s})
+    calls = timed.frame
+    calls["engine"] = [keys[arm][0] for arm in calls["arm"]]
+    calls["prompt_tokens"] = [keys[arm][1] for arm in calls["arm"]]
+    calls["end_to_end_tokens_per_s"] = new_tokens / calls["wall_s"]
+    rows = []
+    for arm, (name, length) in keys.items():
+        mine = calls[calls["arm"] == arm].sort_values("round")
+        runs = list(zip(timed.results(arm), mine["wall_s"], mine["cpu_s"]))
+        rows.append({**summarize(name, length, new_tokens, runs), "contended_calls": int(mine["contended"].sum())})
+    frame = pd.DataFrame(rows)
+    frame.attrs["rounds"] = light_rounds(timed)
+    return frame
 
 
 def summarize(engine: str, prompt_length: int, new_tokens: int,
               runs: list[tuple[Generation, float, float]]) -> dict:
-    """Median and spread of the repeats of one engine at one prompt length."""
+    """Median and spread of the rounds of one engine at one prompt length; `runs`: (generation, wall, CPU s)."""
     decode = [g.decode_tokens_per_s for g, _, _ in runs]
     ttft = [g.time_to_first_token_s for g, _, _ in runs]
     e2e = [new_tokens / wall for _, wall, _ in runs]
@@ -122,7 +138,7 @@ def summarize(engine: str, prompt_length: int, new_tokens: int,
         "time_to_first_token_s": statistics.median(ttft), "time_to_first_token_s_spread": spread(ttft),
         "end_to_end_tokens_per_s": statistics.median(e2e),
         "per_token_latency_ms": 1000 / statistics.median(decode),
-        "cpu_wall_ratio": cpu_ratio, "contended": threads > 1 and cpu_ratio < 0.5 * threads,
+        "cpu_wall_ratio": cpu_ratio, "contended": contended(cpu_ratio, threads),
         "token_ids": runs[0][0].token_ids,
     }
 
@@ -133,13 +149,45 @@ def ratios(frame: pd.DataFrame, metric: str, baseline: str) -> pd.DataFrame:
     return table.div(table[baseline], axis=0).add_suffix(f" / {baseline}")
 
 
-def latency_by_position(engines: dict[str, Engine], prompt_ids: list[int], new_tokens: int) -> pd.DataFrame:
-    """Per-token latency against the token's position in the sequence, one generation per engine."""
+def paired(frame: pd.DataFrame, metric: str, engine: str, baseline: str, prompt_tokens: int) -> dict:
+    """`harness.paired_interval` of metric(engine) / metric(baseline) at one prompt length, over the paired
+    rounds of `frame.attrs["rounds"]` (a `compare` frame); NaN columns when the frame does not carry them (a
+    concat of several runs: their rounds cannot be paired)."""
+    name = f"{metric} / {baseline}"
+    timed = frame.attrs.get("rounds")
+    arms = (arm_name(engine, prompt_tokens), arm_name(baseline, prompt_tokens))
+    if timed is None or not set(arms) <= set(timed.arms) or metric not in timed.frame.columns:
+        return paired_interval(name, [], [])
+    return paired_interval(name, timed.values(arms[0], metric), timed.values(arms[1], metric))
+
+
+def ratio_intervals(frame: pd.DataFrame, metric: str, baseline: str) -> pd.DataFrame:
+    """`ratios` in long form with the interval of each ratio: one row per (prompt length, engine) with
+    `{metric} / {baseline}` (the ratio of medians, as `ratios`) and its paired-round geometric mean with a 95%
+    interval: the columns `{metric} / {baseline}_geomean`, `_low`, `_high`, `_rounds` (`paired`)."""
+    name = f"{metric} / {baseline}"
+    table = frame.pivot(index="prompt_tokens", columns="engine", values=metric)
     rows = []
-    for name, engine in engines.items():
-        result = engine(prompt_ids, new_tokens)
+    for length in table.index:
+        for engine in table.columns:
+            rows.append({"prompt_tokens": length, "engine": engine,
+                         name: table.loc[length, engine] / table.loc[length, baseline],
+                         **paired(frame, metric, engine, baseline, length)})
+    return pd.DataFrame(rows)
+
+
+def latency_by_position(engines: dict[str, Engine], prompt_ids: list[int], new_tokens: int) -> pd.DataFrame:
+    """Per-token latency against the token's position in the sequence, one generation per engine (one round of
+    `rounds.run_rounds`, no warm-up); each row also carries its generation's CPU/wall ratio and `contended`."""
+    timed = run_rounds({name: functools.partial(engine, prompt_ids, new_tokens) for name, engine in engines.items()},
+                       rounds=1, warmup=0)
+    calls = timed.frame.set_index("arm")
+    rows = []
+    for name in engines:
+        result, call = timed.results(name)[0], calls.loc[name]
         for i, latency in enumerate(result.token_latencies_s[1:], start=1):  # [0] is the prefill
-            rows.append({"engine": name, "position": len(prompt_ids) + i, "latency_ms": 1000 * latency})
+            rows.append({"engine": name, "position": len(prompt_ids) + i, "latency_ms": 1000 * latency,
+                         "cpu_wall_ratio": call["cpu_wall_ratio"], "contended": bool(call["contended"])})
     return pd.DataFrame(rows)
 
 

@@ -15,6 +15,7 @@ greedy tokens.
 from __future__ import annotations
 
 import copy
+import functools
 import statistics
 import time
 from dataclasses import dataclass, fields, replace
@@ -25,7 +26,8 @@ import torch
 
 from ..errors import InvalidParameterError
 from ..engine.generate import Decoder, Generation, GenerationConfig
-from .harness import spread
+from .harness import call_columns, light_rounds, paired_interval, spread
+from .rounds import run_rounds
 
 WARMUP_TOKENS = 4  # tokens per warm-up run of `measure`
 DOCUMENT_ORDER = ("kv_cache", "quantization", "prompt_caching", "flash_attention", "speculative_decoding")
@@ -128,7 +130,7 @@ class StackRunner:
 
 
 def summarize_run(name: str, runs: list[tuple[list[Generation], float]], new_tokens: int) -> dict:
-    """Median and spread over repeats of one configuration's workload runs."""
+    """Median and spread over rounds of one configuration's workload runs."""
     walls = [wall for _, wall in runs]
     ttfts = [statistics.mean(g.time_to_first_token_s for g in gens) for gens, _ in runs]
     decode = [statistics.mean(g.decode_tokens_per_s for g in gens) for gens, _ in runs]
@@ -140,41 +142,62 @@ def summarize_run(name: str, runs: list[tuple[list[Generation], float]], new_tok
             "token_ids": [g.token_ids for g in gens]}
 
 
+def _workload_metrics(generations: list[Generation]) -> dict:
+    return {"time_to_first_token_s": statistics.mean(g.time_to_first_token_s for g in generations),
+            "decode_tokens_per_s": statistics.mean(g.decode_tokens_per_s for g in generations)}
+
+
 def measure(configurations: dict[str, object], prompts: list[list[int]], new_tokens: int, repeats: int = 2,
             warmup: int = 1, progress: bool = True) -> pd.DataFrame:
-    """Time each configuration's whole workload, round-robin inside each repeat (same-run comparisons).
+    """Time each configuration's whole workload in paired rounds (`rounds.run_rounds`, shuffled order per round).
 
-    A configuration is a function `(prompts, new_tokens) -> list[Generation]`. Warm-up rounds run the first
-    prompt for a few tokens (every code path and buffer, without paying a whole slow baseline workload)."""
-    from tqdm.auto import tqdm
+    A configuration is a function `(prompts, new_tokens) -> list[Generation]`. `warmup` untimed warm-up rounds
+    run the first prompt for a few tokens (every code path and buffer, without paying a whole slow baseline
+    workload); then `repeats` rounds time every configuration's workload once each. Rows: medians and spreads,
+    CPU/wall ratio and `contended`; `frame.attrs["rounds"]`: the per-round values (workload wall_s,
+    time_to_first_token_s, decode_tokens_per_s per call), which `cumulative` pairs for its speedups' intervals."""
+    for _ in range(warmup):
+        for run in configurations.values():
+            run(prompts[:1], min(new_tokens, WARMUP_TOKENS))
+    arms = {name: functools.partial(run, prompts, new_tokens) for name, run in configurations.items()}
+    timed = run_rounds(arms, rounds=repeats, warmup=0, progress="stacked configurations" if progress else None,
+                       metrics=_workload_metrics)
+    calls = timed.frame
+    rows = []
+    for name in configurations:
+        mine = calls[calls["arm"] == name].sort_values("round")
+        runs = list(zip(timed.results(name), mine["wall_s"]))
+        rows.append({**summarize_run(name, runs, new_tokens), **call_columns(mine)})
+    frame = pd.DataFrame(rows)
+    frame.attrs["rounds"] = light_rounds(timed)
+    return frame
 
-    samples: dict[str, list] = {name: [] for name in configurations}
-    bar = tqdm(total=(warmup + repeats) * len(configurations), desc="stacked configurations",
-               disable=not progress, leave=False)
-    for i in range(warmup + repeats):
-        warming = i < warmup
-        for name, run in configurations.items():
-            start = time.perf_counter()
-            generations = run(prompts[:1], min(new_tokens, WARMUP_TOKENS)) if warming else run(prompts, new_tokens)
-            wall = time.perf_counter() - start
-            if not warming:
-                samples[name].append((generations, wall))
-            bar.update()
-    bar.close()
-    return pd.DataFrame([summarize_run(name, runs, new_tokens) for name, runs in samples.items()])
+
+def _paired_workload(frame: pd.DataFrame, name: str, numerator: str, denominator: str) -> dict:
+    """Interval columns of workload_s(numerator) / workload_s(denominator) over the rounds `frame` carries
+    (`measure`'s attrs); NaN where they are missing (frames of several runs concatenated)."""
+    timed = frame.attrs.get("rounds")
+    if timed is None or not {numerator, denominator} <= set(timed.arms):
+        return paired_interval(name, [], [])
+    return paired_interval(name, timed.values(numerator), timed.values(denominator))
 
 
 def cumulative(frame: pd.DataFrame, order: list[str], baseline: str = "baseline") -> pd.DataFrame:
-    """Waterfall table: each step's workload time, its gain over the previous step and over the baseline."""
+    """Waterfall table: each step's workload time, its gain over the previous step and over the baseline.
+
+    step_speedup and cumulative_speedup are ratios of medians; with `measure`'s rounds in `frame.attrs`, each
+    also gets its paired-round geometric mean and 95% interval (`_geomean`, `_low`, `_high`, `_rounds`)."""
     table = frame.set_index("configuration")
     rows, previous = [], table.loc[baseline, "workload_s"]
-    base = previous
+    base, before = previous, baseline
     for name in [baseline] + order:
         t = table.loc[name, "workload_s"]
         rows.append({"step": name, "workload_s": t, "step_speedup": previous / t, "cumulative_speedup": base / t,
                      "decode_tokens_per_s": table.loc[name, "decode_tokens_per_s"],
-                     "time_to_first_token_s": table.loc[name, "time_to_first_token_s"]})
-        previous = t
+                     "time_to_first_token_s": table.loc[name, "time_to_first_token_s"],
+                     **_paired_workload(frame, "step_speedup", before, name),
+                     **_paired_workload(frame, "cumulative_speedup", baseline, name)})
+        previous, before = t, name
     return pd.DataFrame(rows)
 
 
@@ -230,8 +253,12 @@ def our_format(model, kind: str):
         variant = qv.dense_weights(model, kind, torch.bfloat16)
     elif kind == "INT8":
         variant = qv.quantized(model, kind, "rtn", bits=8)
-    elif kind == "INT4 g64":
-        variant = qv.quantized(model, kind, "rtn", bits=4, group_size=64, lm_head_bits=8)
+    elif kind == "INT4 g64":  # g64, or the largest group the int4 kernels take that divides every width
+        from ..engine.quantization import INT4_GROUP_SIZES
+
+        widths = {m.in_features for m in model.modules() if isinstance(m, torch.nn.Linear)}
+        fitting = [g for g in INT4_GROUP_SIZES if g <= 64 and all(w % g == 0 for w in widths)]
+        variant = qv.quantized(model, kind, "rtn", bits=4, group_size=max(fitting, default=64), lm_head_bits=8)
     else:
         raise InvalidParameterError(f"unknown format {kind!r}; use one of {[ours for ours, _ in FORMAT_PAIRS]}")
     if variant.skipped:

@@ -1,23 +1,25 @@
-"""The measurement harness every notebook uses: warm-up, repeats, median and spread, same-run ratios.
+"""The measurement harness every notebook uses: medians and spreads of rounds, paired-ratio intervals, results files.
 
-Each timed call records wall time and process CPU time. On a shared machine a CPU/wall ratio far below the
+Calls are timed by the one measurement loop, `rounds.run_rounds` (`measure` is it with one arm); each timed call
+records wall time and process CPU time. On a shared machine a CPU/wall ratio far below the
 thread count means the run waited for cores it did not get: such a measurement is flagged `contended`.
 Results are tidy rows (one per measurement) saved under `data/results/` with the environment attached.
 """
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
+from ..hardware import CONTENDED_FRACTION, contended, synchronize  # noqa: F401 (re-exported: attention_bench)
 from ..paths import REPO_ROOT
 from .environment import environment
 
@@ -27,12 +29,11 @@ DEFAULT_RESULTS_DIR = REPO_ROOT / "data" / "results"
 def results_dir() -> Path:
     """Where result rows go: $LLMOPT_RESULTS_DIR (smoke runs and tests) or data/results/."""
     return Path(os.environ.get("LLMOPT_RESULTS_DIR") or DEFAULT_RESULTS_DIR)
-CONTENDED_FRACTION = 0.5  # CPU/wall below this share of the threads: the run did not get its cores
 
 
 @dataclass
 class Timing:
-    """Repeated measurements of one thing, in seconds."""
+    """Repeated measurements of one thing, in seconds (`measure`: run_rounds with one arm)."""
     wall_s: list[float]
     cpu_s: list[float]
     threads: int
@@ -53,7 +54,7 @@ class Timing:
 
     @property
     def contended(self) -> bool:
-        return self.threads > 1 and self.cpu_wall_ratio < CONTENDED_FRACTION * self.threads
+        return contended(self.cpu_wall_ratio, self.threads)
 
     def summary(self, prefix: str = "time") -> dict:
         return {f"{prefix}_median_s": self.median_s, f"{prefix}_spread_s": self.spread_s,
@@ -72,26 +73,55 @@ def spread(values: Sequence[float]) -> float:
     return q[2] - q[0]
 
 
-def synchronize(device: str | torch.device = "cpu") -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
 def measure(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1, device="cpu",
             progress: str | None = None) -> Timing:
-    """Call `fn` `warmup` times untimed, then `repeats` times timed; keeps each call's return value."""
-    for _ in range(warmup):
-        fn()
-    synchronize(device)
-    timing = Timing([], [], torch.get_num_threads())
-    for _ in tqdm(range(repeats), desc=progress, disable=progress is None, leave=False):
-        cpu0, wall0 = time.process_time(), time.perf_counter()
-        result = fn()
-        synchronize(device)
-        timing.wall_s.append(time.perf_counter() - wall0)
-        timing.cpu_s.append(time.process_time() - cpu0)
-        timing.results.append(result)
-    return timing
+    """Call `fn` `warmup` times untimed, then `repeats` times timed; keeps each call's return value.
+
+    The one measurement loop (`rounds.run_rounds`) with a single arm: each call timed with its CPU time."""
+    from .rounds import run_rounds
+
+    timed = run_rounds({"fn": fn}, rounds=repeats, warmup=warmup, device=device, progress=progress)
+    frame = timed.frame
+    threads = int(frame["threads"].iloc[0]) if len(frame) else torch.get_num_threads()
+    return Timing(frame["wall_s"].tolist(), frame["cpu_s"].tolist(), threads, timed.results("fn"))
+
+
+def paired_interval(name: str, numerator: Sequence[float], denominator: Sequence[float],
+                    confidence: float = 0.95) -> dict:
+    """Columns `{name}_geomean`, `{name}_low`, `{name}_high`, `{name}_rounds` for the ratio `name` of paired
+    rounds: `stats.paired_ratio` (geometric mean of the per-round ratios, t-interval on their logs). Rounds where
+    either side is not a finite positive number (a NaN decode rate) are left out; none left gives NaN and 0."""
+    from .stats import paired_ratio
+
+    num, den = np.asarray(numerator, dtype=float), np.asarray(denominator, dtype=float)
+    if num.shape != den.shape:
+        raise ValueError(f"{name}: {num.size} numerator rounds against {den.size} denominator rounds")
+    keep = np.isfinite(num) & np.isfinite(den) & (num > 0) & (den > 0)
+    if not keep.any():
+        return {f"{name}_geomean": math.nan, f"{name}_low": math.nan, f"{name}_high": math.nan,
+                f"{name}_rounds": 0}
+    interval = paired_ratio(num[keep], den[keep], confidence)
+    return {f"{name}_geomean": interval.estimate, f"{name}_low": interval.low, f"{name}_high": interval.high,
+            f"{name}_rounds": interval.rounds}
+
+
+def call_columns(rows: pd.DataFrame) -> dict:
+    """cpu_wall_ratio (CPU / wall over the calls, summed), contended (`hardware.contended`, the one rule) and
+    contended_calls (how many single calls were contended) of one arm's rows of a `run_rounds` frame."""
+    wall, cpu = float(rows["wall_s"].sum()), float(rows["cpu_s"].sum())
+    ratio = cpu / wall if wall > 0 else math.nan
+    threads = int(rows["threads"].iloc[0]) if len(rows) else torch.get_num_threads()
+    return {"cpu_wall_ratio": ratio, "contended": contended(ratio, threads),
+            "contended_calls": int(rows["contended"].sum())}
+
+
+def light_rounds(timed):
+    """The same Rounds without the arms' return values: the per-round values a result frame carries in
+    `frame.attrs["rounds"]` (pandas copies attrs with every derived frame; a frame keeps them through filters and
+    drops them in a concat of frames from different runs, whose rounds cannot be paired)."""
+    from .rounds import Rounds
+
+    return Rounds(timed.frame, {}, timed.arms)
 
 
 def peak_memory_bytes(fn: Callable[[], Any], device="cpu") -> tuple[Any, int]:

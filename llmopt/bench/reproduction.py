@@ -7,7 +7,10 @@ condition is read from the results, never written here: the one cheapest to re-m
 smallest prefix, ...). Both ratios come with the band their repeats span: for medians a, b with spreads (range,
 or IQR from 4 repeats) sa, sb the band is [(a - sa/2) / (b + sb/2), (a + sa/2) / (b - sb/2)] (`ratio_band`).
 07's ratio is "within" when it falls inside the notebook's band (the issue's test), and the two bands "overlap"
-when 07's own band meets the notebook's.
+when 07's own band meets the notebook's. Beside the bands, each ratio gets its paired-round interval where the
+measurement carries its rounds (`effect_interval`: the geometric mean of the per-round ratios with a 95%
+interval, `stats.paired_ratio`): columns `rerun_ratio_geomean`, `_low`, `_high`, `_rounds` and the same for
+`notebook_ratio_` (NaN where the notebook's saved results hold no rounds, e.g. files saved before them).
 
 Adding an optimization on top of others on 07's own workload is another quantity, the marginal effect inside the
 stack (`marginal_effects`): it is shown beside this test, not used for it.
@@ -18,7 +21,7 @@ import functools
 import math
 import re
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +56,7 @@ class Condition:
     low: float
     high: float
     text: str
+    interval: dict = field(default_factory=dict)  # effect_interval of the notebook's results (may be all NaN)
 
 
 def ratio_band(a, spread_a, b, spread_b):
@@ -118,6 +122,48 @@ def effect(optimization: str, frame: pd.DataFrame, settings: dict) -> tuple[floa
     shaped as its notebook's results (the saved CSV or 07's re-measurement)."""
     on, off = ARMS[optimization](frame, settings)
     return _rows_ratio(on, off, METRICS[optimization][1])
+
+
+INTERVAL_KEYS = ("geomean", "low", "high", "rounds")
+
+
+def _interval_of(columns: dict) -> dict:
+    """{'geomean', 'low', 'high', 'rounds'} from `harness.paired_interval`'s or a result row's `<ratio>_*` columns."""
+    return {key: next(v for k, v in columns.items() if k.endswith(f"_{key}")) for key in INTERVAL_KEYS}
+
+
+def _row_interval(row: pd.Series, ratio: str) -> dict:
+    """The interval columns a result row carries for one of its ratio columns (NaN when it has none)."""
+    return {key: row.get(f"{ratio}_{key}", math.nan) for key in INTERVAL_KEYS}
+
+
+def effect_interval(optimization: str, frame: pd.DataFrame, settings: dict) -> dict:
+    """The paired-round interval of `effect`'s ratio: {'geomean', 'low', 'high', 'rounds'}, from the rounds the
+    measurement carries: `benchmark.compare`'s `attrs["rounds"]` (01, 03), the per-repeat rows of 04, the
+    interval columns of 06's and 02's rows. NaN (rounds 0) where there are none: 05's whole-model benchmark
+    concatenates its lengths' runs, and saved CSV files keep no attrs."""
+    from . import benchmark
+    from .prefix_workload import _paired_by_repeat
+
+    metric = METRICS[optimization][1]
+    none = {"geomean": math.nan, "low": math.nan, "high": math.nan, "rounds": 0}
+    try:
+        if optimization == "kv_cache":
+            return _interval_of(benchmark.paired(frame, metric, "static cache", "no cache",
+                                                 settings["prompt_tokens"]))
+        if optimization == "quantization":
+            return _interval_of(benchmark.paired(frame, metric, settings["variant"] + PYTORCH_ENGINE,
+                                                 "fp32" + PYTORCH_ENGINE, settings["prompt_tokens"]))
+        if optimization == "prompt_caching":
+            return _interval_of(_paired_by_repeat(frame, "ratio", metric, "warm (hit)", "no prefix cache",
+                                                  settings["prefix_tokens"]))
+        if optimization == "speculative_decoding":
+            return _row_interval(ARMS[optimization](frame, settings)[0], "speedup")
+        if optimization == "batching":
+            return _row_interval(ARMS[optimization](frame, settings)[0], "throughput_vs_sequential")
+    except (KeyError, IndexError, ValueError):
+        return none
+    return none
 
 
 # ---- the compared condition of each notebook, read from its results
@@ -246,7 +292,7 @@ def read_condition(optimization: str, directory: Path, model_name: str | None = 
         return f"not compared: {exc}"
     except (KeyError, IndexError, ValueError) as exc:
         return f"not compared: {name} lacks the rows this check reads ({type(exc).__name__}: {exc})"
-    return Condition(optimization, settings, ratio, low, high, text)
+    return Condition(optimization, settings, ratio, low, high, text, effect_interval(optimization, frame, settings))
 
 
 def notebook_conditions(directory: Path | str | None = None, model_name: str | None = None, dtype: str | None = None,
@@ -393,13 +439,16 @@ def measure(condition: Condition, model, tokenizer) -> pd.DataFrame:
 
 # ---- the table
 
+INTERVAL_COLUMNS = [f"{side}_ratio_{key}" for side in ("rerun", "notebook") for key in INTERVAL_KEYS]
 COLUMNS = ["optimization", "metric", "rerun_ratio", "rerun_low", "rerun_high", "notebook_ratio", "notebook_low",
            "notebook_high", "rerun / notebook", "within_notebook_spread", "bands_overlap", "verdict", "repeats",
-           "condition", "measure_s"]
+           "condition", "measure_s", *INTERVAL_COLUMNS]
 
 
-def compare(condition: Condition, ratio: float, low: float, high: float, seconds: float = math.nan) -> dict:
-    """One row: 07's re-measured ratio and band beside the notebook's, and the verdict."""
+def compare(condition: Condition, ratio: float, low: float, high: float, seconds: float = math.nan,
+            interval: dict | None = None) -> dict:
+    """One row: 07's re-measured ratio and band beside the notebook's, and the verdict; with `interval` (the
+    rerun's `effect_interval`) and the condition's, the paired-round intervals of both (NaN where missing)."""
     inside = bool(condition.low <= ratio <= condition.high)
     verdict = ("reproduced (within the notebook's spread)" if inside else
                f"not reproduced: {ratio:.2f}x against {condition.low:.2f}-{condition.high:.2f}x")
@@ -410,7 +459,9 @@ def compare(condition: Condition, ratio: float, low: float, high: float, seconds
             "notebook_low": condition.low, "notebook_high": condition.high,
             "rerun / notebook": ratio / condition.ratio, "within_notebook_spread": inside,
             "bands_overlap": bool(low <= condition.high and condition.low <= high), "verdict": verdict,
-            "repeats": condition.settings.get("repeats"), "condition": condition.text, "measure_s": seconds}
+            "repeats": condition.settings.get("repeats"), "condition": condition.text, "measure_s": seconds,
+            **{f"{side}_ratio_{key}": (values or {}).get(key, math.nan)
+               for side, values in (("rerun", interval), ("notebook", condition.interval)) for key in INTERVAL_KEYS}}
 
 
 def _spreads(samples: np.ndarray) -> np.ndarray:
@@ -474,7 +525,9 @@ def _reproduce_one(name: str, condition: Condition | str, model, tokenizer) -> d
         frame = measure(condition, model, tokenizer)
     except InvalidParameterError as exc:  # e.g. a saved workload this tokenizer cannot rebuild
         return _not_compared(name, f"not compared: {exc}")
-    return compare(condition, *effect(name, frame, condition.settings), time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    return compare(condition, *effect(name, frame, condition.settings), seconds,
+                   effect_interval(name, frame, condition.settings))
 
 
 def reproduce(conditions: dict[str, Condition | str], model, tokenizer) -> pd.DataFrame:
@@ -508,7 +561,15 @@ def projected_extra_s(table: pd.DataFrame, repeats: int) -> float:
 # ---- the stack's own steps: a different quantity
 
 MARGINAL_COLUMNS = ["optimization", "metric", "step", "marginal_ratio", "marginal_low", "marginal_high",
-                    "single_ratio", "marginal / single"]
+                    "single_ratio", "marginal / single", *[f"marginal_ratio_{key}" for key in INTERVAL_KEYS]]
+
+
+def _stack_interval(run: pd.DataFrame, metric: str, on: str, off: str) -> dict:
+    """The paired-round interval of metric(on) / metric(off) from `combined.measure`'s rounds (`run.attrs`)."""
+    timed = run.attrs.get("rounds")
+    if timed is None or not {on, off} <= set(timed.arms) or metric not in timed.frame.columns:
+        return {"geomean": math.nan, "low": math.nan, "high": math.nan, "rounds": 0}
+    return _interval_of(harness.paired_interval("ratio", timed.values(on, metric), timed.values(off, metric)))
 
 
 def marginal_effects(run: pd.DataFrame, order: list[str], labels: dict[str, str],
@@ -517,20 +578,24 @@ def marginal_effects(run: pd.DataFrame, order: list[str], labels: dict[str, str]
     """The marginal effect inside the stack: per optimization, the stack that adds it over the stack before it
     (07's workload, `order` of stacking; `labels`: optimization -> configuration name), on the metric of
     `METRICS`. `batching`: (ratio, low, high) of continuous / sequential on the stacked model; `singles`: the
-    `reproduce` table, whose re-measured single effect is shown beside for reading."""
+    `reproduce` table, whose re-measured single effect is shown beside for reading. With `combined.measure`'s
+    rounds in `run.attrs`, each step also gets its paired-round interval (`marginal_ratio_geomean`, `_low`,
+    `_high`, `_rounds`)."""
     table = run.set_index("configuration")
     single = singles.set_index("optimization").rerun_ratio if singles is not None else pd.Series(dtype=float)
     steps, previous = [], "baseline"
     for name in order:
         ratio, low, high = _rows_ratio(table.loc[labels[name]], table.loc[previous], METRICS[name][1])
-        steps.append((name, f"'{previous}' -> '{labels[name]}'", ratio, low, high))
+        steps.append((name, f"'{previous}' -> '{labels[name]}'", ratio, low, high,
+                      _stack_interval(run, METRICS[name][1], labels[name], previous)))
         previous = labels[name]
     if batching is not None:
-        steps.append(("batching", "continuous / sequential on the stacked model", *batching))
+        steps.append(("batching", "continuous / sequential on the stacked model", *batching, {}))
     rows = []
-    for name, step, ratio, low, high in steps:
+    for name, step, ratio, low, high, interval in steps:
         alone = single.get(name, math.nan)
         rows.append({"optimization": name, "metric": f"{METRICS[name][0]} with / without", "step": step,
                      "marginal_ratio": ratio, "marginal_low": low, "marginal_high": high, "single_ratio": alone,
-                     "marginal / single": ratio / alone})
+                     "marginal / single": ratio / alone,
+                     **{f"marginal_ratio_{key}": interval.get(key, math.nan) for key in INTERVAL_KEYS}})
     return pd.DataFrame(rows, columns=MARGINAL_COLUMNS)

@@ -2,19 +2,18 @@
 drafters and k, and the comparison with the design document's estimates."""
 from __future__ import annotations
 
+import functools
 import statistics
-import time
 from typing import Sequence
 
 import pandas as pd
-import torch
-from tqdm.auto import tqdm
 
 from ..engine.generate import Decoder, GenerationConfig
-from ..hardware import contended
 from ..engine.speculative import Drafter, SpeculativeDecoder, expected_speedup
+from ..errors import InvalidParameterError
 from . import datasets
-from .harness import spread
+from .harness import call_columns, light_rounds, paired_interval, spread
+from .rounds import run_rounds
 
 
 def grounded_passage(min_chars: int = 600, index: int = 0) -> str:
@@ -57,65 +56,79 @@ def workload_prompts(tokenizer, kinds: Sequence[str] = ("open-ended", "repeat"),
 PLAIN = "plain (cached)"
 
 
+def arm_name(workload: str, drafter: str, k: int) -> str:
+    """The arm of one (workload, drafter, k) in `sweep`'s rounds (`frame.attrs["rounds"]`)."""
+    return f"{workload} | {drafter} | k={k}"
+
+
 def sweep(model, tokenizer, drafters: dict[str, tuple[Drafter, Sequence[int]]], prompts: dict[str, list[int]],
           new_tokens: int = 48, repeats: int = 2, warmup_tokens: int = 8, cache: str = "static",
           progress: bool = True):
-    """Time the plain cached decoder and every (drafter, k) on every workload, greedy, interleaved per repeat.
+    """Time the plain cached decoder and every (drafter, k) on every workload, greedy, in paired rounds.
 
-    drafters: name -> (drafter, the k values to try). Every configuration first runs once untimed for
-    `warmup_tokens` tokens. Returns one row per (workload, drafter, k): medians over the repeats, the same-run
-    speedup over the plain decoder, acceptance statistics, the measured cost ratios and Leviathan's expected
-    speedup for the measured acceptance, and whether every run's tokens equal the plain decoder's."""
+    drafters: name -> (drafter, the k values to try). Every configuration first runs once untimed on every
+    workload for `warmup_tokens` tokens; then `repeats` rounds (`rounds.run_rounds`) run every (workload,
+    configuration) once each, in a shuffled order. Returns one row per (workload, drafter, k): medians over the
+    rounds, the same-run speedup over the plain decoder (ratio of medians) and its paired-round geometric mean with
+    a 95% interval (`speedup_geomean`, `speedup_low`, `speedup_high`, `speedup_rounds`; the same for
+    `end_to_end_speedup`), acceptance statistics, the measured cost ratios and Leviathan's expected speedup for
+    the measured acceptance, whether every run's tokens equal the plain decoder's, the CPU/wall ratio and
+    `contended`. `frame.attrs["rounds"]`: the per-round values (decode_tokens_per_s, wall_s per call)."""
     plain = Decoder(model, tokenizer, cache=cache)
     configs = [(PLAIN, 0, plain)] + [(name, k, SpeculativeDecoder(model, tokenizer, drafter, k, cache))
                                      for name, (drafter, ks) in drafters.items() for k in ks]
     config = GenerationConfig(max_new_tokens=new_tokens, ignore_eos=True)
-    rows = []
-    bar = tqdm(total=len(prompts) * len(configs) * (repeats + 1), desc="speculative sweep", disable=not progress,
-               leave=False)
+    warm = GenerationConfig(max_new_tokens=warmup_tokens, ignore_eos=True)
+    arms = {}
     for workload, prompt_ids in prompts.items():
-        runs = {(name, k): [] for name, k, _ in configs}
-        for _, _, decoder in configs:  # warm-up: every code path and shape once
-            decoder.generate(prompt_ids, GenerationConfig(max_new_tokens=warmup_tokens, ignore_eos=True))
-            bar.update()
-        for _ in range(repeats):
-            for name, k, decoder in configs:
-                cpu0, wall0 = time.process_time(), time.perf_counter()
-                result = decoder.generate(prompt_ids, config)
-                runs[(name, k)].append((result, time.perf_counter() - wall0, time.process_time() - cpu0))
-                bar.update()
-        reference = runs[(PLAIN, 0)]
-        plain_tokens_per_s = statistics.median(g.decode_tokens_per_s for g, _, _ in reference)
-        plain_e2e = statistics.median(new_tokens / wall for _, wall, _ in reference)
+        for name, k, decoder in configs:  # warm-up: every code path and shape once
+            decoder.generate(prompt_ids, warm)
+            arms[arm_name(workload, name, k)] = functools.partial(decoder.generate, prompt_ids, config)
+    if len(arms) != len(prompts) * len(configs):
+        raise InvalidParameterError("sweep: two configurations share a name and k; name the drafters apart")
+    timed = run_rounds(arms, rounds=repeats, warmup=0, progress="speculative sweep" if progress else None,
+                       metrics=lambda g: {"decode_tokens_per_s": g.decode_tokens_per_s})
+    calls = timed.frame
+    rows = []
+    for workload, prompt_ids in prompts.items():
+        reference = timed.results(arm_name(workload, PLAIN, 0))
+        plain_arm = arm_name(workload, PLAIN, 0)
+        plain_tokens_per_s = statistics.median(g.decode_tokens_per_s for g in reference)
+        plain_e2e = statistics.median(new_tokens / wall for wall in timed.values(plain_arm))
         plain_step_s = 1 / plain_tokens_per_s
-        for (name, k), samples in runs.items():
-            decode = [g.decode_tokens_per_s for g, _, _ in samples]
-            e2e = [new_tokens / wall for _, wall, _ in samples]
-            cpu_ratio = sum(c for _, _, c in samples) / sum(w for _, w, _ in samples)
+        for name, k, _ in configs:
+            arm = arm_name(workload, name, k)
+            samples = timed.results(arm)
+            walls = timed.values(arm)
+            decode = [g.decode_tokens_per_s for g in samples]
+            e2e = [new_tokens / wall for wall in walls]
             row = {"workload": workload, "drafter": name, "k": k, "prompt_tokens": len(prompt_ids),
                    "new_tokens": new_tokens, "repeats": repeats,
                    "decode_tokens_per_s": statistics.median(decode), "decode_tokens_per_s_spread": spread(decode),
                    "end_to_end_tokens_per_s": statistics.median(e2e),
                    "speedup": statistics.median(decode) / plain_tokens_per_s,
                    "end_to_end_speedup": statistics.median(e2e) / plain_e2e,
-                   "tokens_identical": all(g.token_ids == reference[0][0].token_ids for g, _, _ in samples),
-                   "cpu_wall_ratio": cpu_ratio,
-                   "contended": contended(cpu_ratio, torch.get_num_threads())}
-            stats = samples[0][0].stats if name != PLAIN else None
+                   **paired_interval("speedup", decode, timed.values(plain_arm, "decode_tokens_per_s")),
+                   # end-to-end tokens/s is new_tokens / wall: its ratio is the plain run's wall over this one's
+                   **paired_interval("end_to_end_speedup", timed.values(plain_arm), walls),
+                   "tokens_identical": all(g.token_ids == reference[0].token_ids for g in samples),
+                   **call_columns(calls[calls["arm"] == arm])}
+            stats = samples[0].stats if name != PLAIN else None
             if stats is not None:
-                draft_s = statistics.median(g.stats.draft_s / max(g.stats.drafted, 1) for g, _, _ in samples)
-                verify_s = statistics.median(g.stats.verify_s / g.stats.target_passes for g, _, _ in samples)
+                draft_s = statistics.median(g.stats.draft_s / max(g.stats.drafted, 1) for g in samples)
+                verify_s = statistics.median(g.stats.verify_s / g.stats.target_passes for g in samples)
                 cost, verify_cost = draft_s / plain_step_s, verify_s / plain_step_s
                 row.update({key: stats.as_dict()[key] for key in (
                     "target_passes", "drafted", "accepted", "acceptance_rate", "alpha", "accepted_per_pass")})
                 row.update({
-                    "tokens_per_pass": samples[0][0].tokens_per_pass,
+                    "tokens_per_pass": samples[0].tokens_per_pass,
                     "draft_cost_ratio": cost, "verify_cost_ratio": verify_cost,
                     "expected_speedup": expected_speedup(stats.alpha, k, cost),
                     "expected_speedup_measured_verify": expected_speedup(stats.alpha, k, cost, verify_cost)})
             rows.append(row)
-    bar.close()
-    return pd.DataFrame(rows)
+    frame = pd.DataFrame(rows)
+    frame.attrs["rounds"] = light_rounds(timed)
+    return frame
 
 
 def document_comparison(results, estimates, k: int = 5, tolerance: float = 0.1):
