@@ -11,7 +11,7 @@ TORCH ?= torch==2.13.0
 # rest, keeping that torch (pyproject's range admits it): 7 s against pip's 62 s for the same packages, measured
 UV = $(VENV)/bin/uv --quiet pip
 
-.PHONY: report test test-fast setup peers clean-reports
+.PHONY: report test test-fast setup peers clean-reports lab
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,9 +24,14 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
-## run every notebook headless (papermill) -> reports/*.html and reports/index.html
+## run every notebook headless (papermill) into runs/<timestamp>-<host>/; a complete run is published to
+## reports/*.html, reports/index.html, data/results/ and the README's headline
 report: setup
 	$(PY) -m llmopt run
+
+## JupyterLab on the notebooks, in the project's environment (live progress bars, the same kernel as `make report`)
+lab: setup
+	$(VENV)/bin/jupyter lab --notebook-dir=notebooks
 
 ## the test suite: unit tests, end-to-end tests on the default model, notebook smoke runs
 test: setup

@@ -25,6 +25,7 @@ import pandas as pd
 import torch
 
 from ..errors import InvalidParameterError
+from ..engine import quantization
 from ..engine.generate import Decoder, Generation, GenerationConfig
 from .harness import call_columns, light_rounds, paired_interval, spread
 from .rounds import run_rounds
@@ -254,11 +255,8 @@ def our_format(model, kind: str):
     elif kind == "INT8":
         variant = qv.quantized(model, kind, "rtn", bits=8)
     elif kind == "INT4 g64":  # g64, or the largest group the int4 kernels take that divides every width
-        from ..engine.quantization import INT4_GROUP_SIZES
-
-        widths = {m.in_features for m in model.modules() if isinstance(m, torch.nn.Linear)}
-        fitting = [g for g in INT4_GROUP_SIZES if g <= 64 and all(w % g == 0 for w in widths)]
-        variant = qv.quantized(model, kind, "rtn", bits=4, group_size=max(fitting, default=64), lm_head_bits=8)
+        group = quantization.group_size_for(model, 64)
+        variant = qv.quantized(model, kind, "rtn", bits=4, group_size=group or 64, lm_head_bits=8)
     else:
         raise InvalidParameterError(f"unknown format {kind!r}; use one of {[ours for ours, _ in FORMAT_PAIRS]}")
     if variant.skipped:

@@ -36,6 +36,14 @@ from .quantized_weight import QuantizedWeight, group_params, quantize_codes, rou
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 
 
+def group_size_for(model: nn.Module, preferred: int = 64, include_lm_head: bool = True) -> int | None:
+    """The largest INT4 group size up to `preferred` that every linear layer's input width takes (a width 64
+    does not divide, such as 352, takes 32), or None when none does (a width not a multiple of 32)."""
+    widths = {model.get_submodule(n).weight.shape[1] for n in linear_names(model, include_lm_head)}
+    fitting = [g for g in INT4_GROUP_SIZES if g <= preferred and all(w % g == 0 for w in widths)]
+    return max(fitting, default=None)
+
+
 def int4_supported(out_features: int, in_features: int, group_size: int) -> str | None:
     """None if the int4 kernels take this shape, else the reason they do not."""
     if group_size not in INT4_GROUP_SIZES:

@@ -342,7 +342,7 @@ TIMING_EXCEPTIONS = {
     ("batching_benchmark.py", "transformers_continuous"): "the arrival clock that hands requests over on time",
     ("combined.py", "StackRunner"): "how long quantizing the model once took (setup, not an arm)",
     ("reproduction.py", "_reproduce_one"): "how long a re-measurement took (bookkeeping for projected budgets)",
-    ("bandwidth.py", "read_bandwidth"): "best-of-N memory read bandwidth: a machine limit, not arms compared",
+    ("bandwidth.py", "_passes"): "best-of-N memory read bandwidth: a machine limit, not arms compared",
     # not in this change's scope (its owner migrates it): 05's attention op benchmark times backends in a loop
     ("attention_bench.py", "op_benchmark"): "TO MIGRATE: first-call time under the memory profiler",
     ("attention_bench.py", "_time_once"): "TO MIGRATE: the op benchmark's round-robin repeats",
