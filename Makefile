@@ -35,7 +35,7 @@ lab: setup
 
 ## the test suite: unit tests, end-to-end tests on the default model, notebook smoke runs
 test: setup
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2
 
 ## optional: llama.cpp (llama-cpp-python) as a peer in 07_combined; compiles llama.cpp for this CPU (~20 min on
 ## 2 cores; pip caches the wheel, so a reinstall is quick). Without it 07 says llama.cpp was not measured.
@@ -45,6 +45,6 @@ peers: setup
 	$(PIP) install --no-compile cmake ninja
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) install llama-cpp-python==0.3.36
 
-## unit tests only (seconds)
+## unit tests only (about a minute)
 test-fast: setup
-	$(PY) -m pytest -m "not e2e and not notebook"
+	$(PY) -m pytest -n 2 -m "not e2e and not notebook"

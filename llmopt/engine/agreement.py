@@ -16,11 +16,13 @@ intermediate sizes up to 8192 and 4864 in the families supported), so it holds w
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 
+from .cpu_kernels import QuantizedGemvLinear
 from .generate import Decoder, GenerationConfig
 from .kv_cache import make_cache
 
@@ -136,14 +138,28 @@ def compare_logits(reference: torch.Tensor, candidate: torch.Tensor, reference_t
                      top1_agreement=float((candidate.argmax(-1) == reference.argmax(-1)).float().mean()))
 
 
+@dataclass(frozen=True)
+class Reference:
+    """One engine's greedy tokens for a prompt and its teacher-forced logits on them, to compare others with."""
+    prompt: list[int]
+    tokens: list[int]
+    logits: torch.Tensor
+
+    @classmethod
+    def of(cls, engine: tuple[TokensFn, LogitsFn], prompt: Sequence[int], new_tokens: int) -> "Reference":
+        tokens = engine[0](list(prompt), new_tokens)
+        return cls(list(prompt), tokens, engine[1](list(prompt), tokens))
+
+    def against(self, candidate: tuple[TokensFn, LogitsFn], tolerance: float = TOLERANCE) -> Agreement:
+        """The candidate's own greedy tokens, and its logits teacher-forced on the reference's tokens."""
+        tokens = candidate[0](self.prompt, len(self.tokens))
+        return compare_logits(self.logits, candidate[1](self.prompt, self.tokens), self.tokens, tokens, tolerance)
+
+
 def greedy_agreement(reference: tuple[TokensFn, LogitsFn], candidate: tuple[TokensFn, LogitsFn],
                      prompt: Sequence[int], new_tokens: int, tolerance: float = TOLERANCE) -> Agreement:
     """Greedy-decode `prompt` with both engines, then teacher-force both on the reference's tokens."""
-    prompt = list(prompt)
-    ref_tokens = reference[0](prompt, new_tokens)
-    cand_tokens = candidate[0](prompt, new_tokens)
-    return compare_logits(reference[1](prompt, ref_tokens), candidate[1](prompt, ref_tokens), ref_tokens,
-                          cand_tokens, tolerance)
+    return Reference.of(reference, prompt, new_tokens).against(candidate, tolerance)
 
 
 def of_decoder(decoder: Decoder) -> tuple[TokensFn, LogitsFn]:
@@ -177,10 +193,6 @@ def activation_quantization_twin(model):
     steps: a difference of one ulp upstream can move an activation across a rounding boundary, a whole quantum.
     Two such engines then differ by a few flipped roundings, never by more than quantizing the activations at
     all perturbs the model; the logit error between the model and this twin is that perturbation, measured."""
-    import copy
-
-    from .cpu_kernels import QuantizedGemvLinear
-
     twin = copy.deepcopy(model)
     for name, module in list(twin.named_modules()):
         if isinstance(module, QuantizedGemvLinear) and module.bits == 4:

@@ -33,12 +33,12 @@ def test_greedy_decoding_agrees_with_transformers(default_model, default_hf_mode
     within the fp32 summation bound at every teacher-forced step; greedy tokens identical up to the first
     near-tie under that bound), not bit-equal tokens."""
     ids = default_model.tokenizer(prompt).input_ids
-    reference = agreement.of_transformers(default_hf_model)
+    reference = agreement.Reference.of(agreement.of_transformers(default_hf_model), ids, 24)
     for cache, engine in (("none", "pytorch"), ("static", "pytorch"), ("static", "fused")):
         if engine == "fused" and fused_decode.supported(default_model.model):
             continue  # no CPU kernels here: the fused engine cannot run
         decoder = Decoder(default_model.model, default_model.tokenizer, cache=cache, engine=engine)
-        result = agreement.greedy_agreement(reference, agreement.of_decoder(decoder), ids, 24)
+        result = reference.against(agreement.of_decoder(decoder))
         print(f"{cache}/{engine} vs transformers: {result.text()}")
         assert result.agrees, (cache, engine, result.text())
 
@@ -71,9 +71,10 @@ def test_fused_engine_agrees_with_the_pytorch_engine_on_the_default_model(defaul
     fused = agreement.of_decoder(Decoder(model, default_model.tokenizer, engine="fused"))
     for prompt in ("The history of the printing press begins", "def fibonacci(n):"):
         ids = default_model.tokenizer(prompt).input_ids
+        expected = agreement.Reference.of(reference, ids, 24)
         tolerance = agreement.TOLERANCE
         if form == "int4":
-            tolerance = 2 * agreement.activation_quantization_error(model, ids, reference[0](ids, 24))
-        result = agreement.greedy_agreement(reference, fused, ids, 24, tolerance=tolerance)
+            tolerance = 2 * agreement.activation_quantization_error(model, ids, expected.tokens)
+        result = expected.against(fused, tolerance)
         print(f"{form} fused vs pytorch, {prompt!r}: {result.text()}")
         assert result.agrees, result.text()
