@@ -13,6 +13,7 @@ not fit the model's positions are skipped with the reason recorded; beyond that,
 """
 from __future__ import annotations
 
+import math
 import time
 
 import pandas as pd
@@ -22,7 +23,9 @@ from tqdm.auto import tqdm
 from ..engine import attention
 from . import benchmark
 from ..engine.generate import Decoder
-from .harness import Timing, peak_memory_bytes, synchronize
+from .harness import Timing, paired_interval, peak_memory_bytes, synchronize
+from .rounds import merge_rounds
+from .stats import Interval, estimate_verdict, interval_from_columns
 
 DEFAULT_MAX_PROJECTED_BYTES = 8 * 2**30
 
@@ -83,6 +86,8 @@ def op_benchmark(backends: list[str] | None = None, lengths=(512, 2048, 8192, 16
     Per length and backend: one untimed call under the memory profiler (it is also the warm-up), then up to
     `repeats` timed calls, interleaved across backends. `max_seconds_per_case` caps the timed calls of a slow
     case (repeats are cut, never below 1; the row says how many ran). sdpa rows name the kernel PyTorch chose.
+    Where naive ran, each row gets the paired-round interval of naive time / its time: `speedup_vs_naive_geomean`,
+    `_low`, `_high`, `_rounds` (`harness.paired_interval`, over the repeats both ran).
     """
     backends = list(backends or attention.available_backends())
     rows = []
@@ -124,6 +129,10 @@ def op_benchmark(backends: list[str] | None = None, lengths=(512, 2048, 8192, 16
         for name, _, row in runnable:
             error = float("nan") if reference is None else (outputs[name].float() - reference.float()).abs().max()
             row.update(timings[name].summary(), peak_bytes=memory[name], max_abs_error_vs_naive=float(error))
+            if "naive" in timings:  # naive time / this time, paired by round-robin repeat (the rounds both ran)
+                paired = min(len(timings["naive"].wall_s), len(timings[name].wall_s))
+                row.update(paired_interval("speedup_vs_naive", timings["naive"].wall_s[:paired],
+                                           timings[name].wall_s[:paired]))
         del outputs, reference
     bar.close()
     frame = pd.DataFrame(rows)
@@ -213,7 +222,17 @@ def model_benchmark(model, tokenizer, backends: list[str] | None = None, lengths
     frame["skip_reason"] = frame.get("skip_reason", pd.Series(dtype=str)).fillna("")
     frame = frame.rename(columns={"engine": "backend", "prompt_tokens": "context_tokens"})
     frame["prefill_s"] = frame["time_to_first_token_s"]
+    if frames:  # every length's rounds in one Rounds: arms are per (backend, length), paired within a length
+        frame.attrs["rounds"] = merge_rounds([f.attrs["rounds"] for f in frames if "rounds" in f.attrs])
     return frame
+
+
+def prefill_speedup(model_frame: pd.DataFrame, backend: str, length: int, baseline: str = "naive"):
+    """stats.Interval of baseline prefill time / backend prefill time at one length, paired by round, from a
+    `model_benchmark` frame's rounds (`attrs["rounds"]`); a one-round NaN Interval where the frame carries none."""
+    columns = benchmark.paired(model_frame, "time_to_first_token_s", baseline, backend, length)
+    return interval_from_columns({k.replace(f"time_to_first_token_s / {backend}", "speedup"): v
+                                  for k, v in columns.items()}, "speedup", math.nan)
 
 
 def tokens_identical(frame: pd.DataFrame, baseline: str = "naive") -> pd.DataFrame:
@@ -285,8 +304,9 @@ def equivalence_table(backends: list[str] | None = None, length: int = 512, num_
 def estimate_table(op_frame: pd.DataFrame, model_frame: pd.DataFrame | None, estimates: pd.DataFrame,
                    backends=("sdpa", "tiled", "flash_attn")) -> pd.DataFrame:
     """The document's speedup estimates (per context length) beside the measured speedups over `naive`: of the
-    attention op, and of whole-model prefill where it ran; one row per (length, backend, scope) with a verdict."""
-    from .datasets import verdict
+    attention op, and of whole-model prefill where it ran; one row per (length, backend, scope) with a verdict:
+    `stats.estimate_verdict` on the paired-round interval (op: `speedup_vs_naive_*` columns; whole model: the
+    frame's rounds), 'inconclusive' where there is none of 2 or more rounds."""
 
     op_speedup = op_speedups(op_frame)
     prefill = None
@@ -302,11 +322,19 @@ def estimate_table(op_frame: pd.DataFrame, model_frame: pd.DataFrame | None, est
             measured = {"attention op": op_speedup.get(f"speedup {name}", pd.Series(dtype=float)).get(length),
                         "whole-model prefill": None if prefill is None or name not in prefill
                         else prefill[name].get(length)}
+            op_rows = op_frame[(op_frame.backend == name) & (op_frame.context_tokens == length)]
+            intervals = {"attention op": (interval_from_columns(op_rows.iloc[0], "speedup_vs_naive", math.nan)
+                                          if len(op_rows) else None),
+                         "whole-model prefill": (prefill_speedup(model_frame, name, length)
+                                                 if prefill is not None and name in prefill else None)}
             for scope, value in measured.items():
                 if value is None or value != value:
                     continue
+                interval = intervals[scope]
+                if interval is None or interval.single:  # no paired rounds: the point value, inconclusive
+                    interval = Interval(value, value, value, 1, method="single round")
                 rows.append({"context_tokens": length, "backend": name, "scope": scope,
                              "estimate (document)": estimate.document_text, "measured speedup vs naive": value,
-                             "verdict": verdict(value, estimate.low, estimate.high)})
+                             "verdict": estimate_verdict(interval, estimate.low, estimate.high)})
     columns = ["context_tokens", "backend", "scope", "estimate (document)", "measured speedup vs naive", "verdict"]
     return pd.DataFrame(rows, columns=columns)

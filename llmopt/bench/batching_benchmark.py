@@ -22,7 +22,7 @@ from ..engine.batching import SCHEDULERS, RequestRecord, RunResult, run
 from ..errors import InvalidParameterError
 from .harness import paired_interval, spread
 from .rounds import run_rounds
-from .stats import Interval, ratio_interval
+from .stats import Interval, estimate_verdict, interval_from_columns, ratio_interval
 from ..engine.batching import Request
 from .workload import Workload
 
@@ -101,6 +101,17 @@ def run_grid(model, workloads: dict[str, Workload], configs: Sequence[tuple[str,
                              "call_wall_s": call["wall_s"], "call_cpu_wall_ratio": call["cpu_wall_ratio"],
                              "position": int(call["position"])})
     return pd.DataFrame(rows), runs
+
+
+def grid_rounds(grid: pd.DataFrame):
+    """`run_grid`'s per-run rows as a `rounds.Rounds` (round = repeat, arm = `arm_name`, metrics such as
+    tokens_per_s): what a saved summary carries in `attrs["rounds"]` so its per-round ratios can be paired again
+    (07's reproduction check)."""
+    from .rounds import Rounds
+
+    arms = [arm_name(w, s, int(m)) for w, s, m in zip(grid.workload, grid.scheduler, grid.max_batch)]
+    calls = grid.assign(round=grid.repeat.astype(int), arm=arms)
+    return Rounds(calls, {}, list(dict.fromkeys(arms)))
 
 
 def _paired_with_sequential(frame: pd.DataFrame, keys: tuple[str, str, int], metric: str, name: str) -> dict:
@@ -289,9 +300,22 @@ def transformers_continuous(hf_model, requests: Sequence[Request], max_batch: in
     return RunResult("transformers continuous", max_batch, math.nan, records, wall_s, math.nan, math.nan, 0, 0, 0)
 
 
-def _within(measured: float, value: float, tolerance: float) -> str:
+def _verdict(row, ratio: str, low: float, high: float, higher_is_better: bool = True) -> str:
+    """`stats.estimate_verdict` of a summary row's paired-round interval of `ratio` (a `summarize` ratio column:
+    throughput_vs_sequential, or latency_p50_vs_sequential with higher_is_better=False: a latency above the
+    range is worse); a row without an interval of 2 or more rounds reads 'inconclusive'."""
+    return estimate_verdict(interval_from_columns(row, ratio), low, high, higher_is_better)
+
+
+def _within(row, ratio: str, value: float, tolerance: float, higher_is_better: bool = True) -> str:
     """The verdict for a point estimate, read as value ± tolerance (a ratio of exactly 1.000 is never measured)."""
-    return datasets.verdict(measured, value * (1 - tolerance), value * (1 + tolerance))
+    return _verdict(row, ratio, value * (1 - tolerance), value * (1 + tolerance), higher_is_better)
+
+
+def _point_percent(fraction: float, e) -> str:
+    """A timed fraction (busy fraction) as a median without an interval: 'inconclusive' by the interval rule."""
+    return estimate_verdict(Interval(100 * fraction, 100 * fraction, 100 * fraction, 1), e.low, e.high,
+                            unit="%", digits=0)
 
 
 def document_table(summary: pd.DataFrame, workload: str, concurrency: int = 8, tolerance: float = 0.10,
@@ -317,11 +341,11 @@ def document_table(summary: pd.DataFrame, workload: str, concurrency: int = 8, t
             e = est.loc[("speedup", "single request throughput")]
             ratio = one.tokens_per_s / single_seq.tokens_per_s
             rows.append(["throughput, one request in flight", scheduler, e.document_text, f"{ratio:.2f}x",
-                         _within(ratio, e.low, tolerance)])
+                         _within(one, "throughput_vs_sequential", e.low, tolerance)])
             e = est.loc[("latency_ratio", "single request latency")]
             ratio = one.latency_p50_s / single_seq.latency_p50_s
             rows.append(["latency, one request in flight (p50)", scheduler, e.document_text, f"{ratio:.2f}x",
-                         _within(ratio, e.low, tolerance)])
+                         _within(one, "latency_p50_vs_sequential", e.low, tolerance, higher_is_better=False)])
     for scheduler in ("static", "dynamic", "continuous"):
         at_c = row(scheduler, concurrency)
         if at_c is None:
@@ -330,17 +354,18 @@ def document_table(summary: pd.DataFrame, workload: str, concurrency: int = 8, t
         ratio = at_c.tokens_per_s / sequential.tokens_per_s
         rows.append([f"throughput, {concurrency} concurrent requests", scheduler, e.document_text,
                      f"{ratio:.2f}x ({at_c.tokens_per_s:.1f} vs {sequential.tokens_per_s:.1f} tok/s)",
-                     datasets.verdict(ratio, e.low, e.high)])
+                     _verdict(at_c, "throughput_vs_sequential", e.low, e.high)])
         ratio = at_c.decode_tokens_per_s / sequential.decode_tokens_per_s
         rows.append([f"decode phase only (prefill excluded), {concurrency} concurrent requests", scheduler,
                      "(not in the document)", f"{ratio:.2f}x decode tokens per second of decode compute", ""])
         e = est.loc[("throughput", "8 concurrent requests")]
         rows.append([f"tokens/s, {concurrency} concurrent requests (document's model and machine)", scheduler,
-                     e.document_text, f"{at_c.tokens_per_s:.1f} tok/s", datasets.verdict(at_c.tokens_per_s, e.low,
-                                                                                         e.high)])
+                     e.document_text, f"{at_c.tokens_per_s:.1f} tok/s",  # a median, no interval: inconclusive
+                     estimate_verdict(interval_from_columns(at_c, "tokens_per_s"), e.low, e.high, unit=" tok/s",
+                                      digits=1)])
         ratio = at_c.latency_p50_s / sequential.latency_p50_s
-        word = ("confirmed: slightly higher" if 1 <= ratio <= 1 + 5 * tolerance else
-                "refuted: lower (requests queue less)" if ratio < 1 else "refuted (worse): much higher")
+        # "slightly higher": read as 1 to 1 + 5 * tolerance times the sequential latency; lower is better
+        word = _verdict(at_c, "latency_p50_vs_sequential", 1.0, 1 + 5 * tolerance, higher_is_better=False)
         rows.append([f"latency p50, {concurrency} concurrent requests", scheduler,
                      est.loc[("latency", "concurrent requests")].document_text,
                      f"{ratio:.2f}x sequential ({at_c.latency_p50_s:.2f} vs {sequential.latency_p50_s:.2f} s)", word])
@@ -350,19 +375,19 @@ def document_table(summary: pd.DataFrame, workload: str, concurrency: int = 8, t
         ratio = at_c.tokens_per_s / base.tokens_per_s
         rows.append([f"throughput, {concurrency} concurrent requests ({label})", "continuous", e.document_text,
                      f"{ratio:.2f}x ({at_c.tokens_per_s:.1f} vs {base.tokens_per_s:.1f} tok/s)",
-                     datasets.verdict(ratio, e.low, e.high)])
+                     _verdict(at_c, "throughput_vs_sequential", e.low, e.high)])
     e = est.loc[("utilization_baseline", "compute busy fraction (GPU utilization)")]
     rows.append(["busy fraction (CPU analogue of GPU utilization)", "sequential", e.document_text,
-                 f"{100 * sequential.busy_fraction:.0f}%", datasets.verdict(100 * sequential.busy_fraction,
-                                                                              e.low, e.high)])
+                 f"{100 * sequential.busy_fraction:.0f}%", _point_percent(sequential.busy_fraction, e)])
     e = est.loc[("utilization", "compute busy fraction (GPU utilization)")]
     for scheduler in ("static", "dynamic", "continuous"):
         at_c = row(scheduler, concurrency)
         if at_c is not None:
             rows.append([f"busy fraction, {concurrency} concurrent requests", scheduler, e.document_text,
                          f"{100 * at_c.busy_fraction:.0f}% (padding waste {100 * at_c.padding_waste:.0f}%)",
-                         datasets.verdict(100 * at_c.busy_fraction, e.low, e.high)])
-    # a second analogue: how full the decode batch is with useful rows, out of `concurrency` rows
+                         _point_percent(at_c.busy_fraction, e)])
+    # a second analogue: how full the decode batch is with useful rows, out of `concurrency` rows; deterministic
+    # (the schedule gives it, not the clock), so a point verdict is right
     base = est.loc[("utilization_baseline", "compute busy fraction (GPU utilization)")]
     occupancy = 100 * sequential.useful_rows_per_decode_step / concurrency
     rows.append([f"decode occupancy (useful rows per step / {concurrency})", "sequential", base.document_text,

@@ -36,7 +36,14 @@ def priority_ranking() -> pd.DataFrame:
 
 
 def verdict(measured: float, low: float, high: float, higher_is_better: bool = True) -> str:
-    """Measured value against an estimated range: 'confirmed' inside it, else refuted, which way and by how much."""
+    """A POINT value against an estimated range: 'confirmed' inside it, else refuted, which way and by how much.
+
+    Only for deterministic quantities measured without rounds (a byte count, a count of processed tokens, the
+    decode occupancy a schedule gives by construction): there a point verdict is right, since measuring again
+    gives the same value. A timed quantity (a speedup, a latency, a throughput) goes through
+    `stats.estimate_verdict` with its paired-round interval (`stats.interval_from_columns`): one round or no
+    interval reads 'inconclusive' there, and the direction follows the metric (lower is better for latency,
+    time to first token and memory)."""
     if low <= measured <= high:
         return "confirmed"
     bound = high if measured > high else low

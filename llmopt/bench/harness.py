@@ -183,7 +183,9 @@ def ratio(numerator: float, denominator: float) -> float:
 
 def save_results(rows: list[dict] | pd.DataFrame, experiment: str, device="cpu", extra: dict | None = None,
                  directory: Path | str | None = None) -> Path:
-    """Save tidy rows with the environment columns as `data/results/<experiment>.csv`, atomically."""
+    """Save tidy rows with the environment columns as `data/results/<experiment>.csv`, atomically; a frame that
+    carries its per-round values (`attrs["rounds"]`, a `rounds.Rounds`) also gets `<experiment>.rounds.csv`,
+    which `load_results` attaches again (07's reproduction check pairs them)."""
     frame = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(rows)
     env = {**environment(device), **(extra or {})}
     for key, value in env.items():
@@ -191,8 +193,21 @@ def save_results(rows: list[dict] | pd.DataFrame, experiment: str, device="cpu",
             frame[key] = value
     directory = Path(directory) if directory else results_dir()
     directory.mkdir(parents=True, exist_ok=True)
-    target = directory / f"{experiment}.csv"
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{experiment}.", suffix=".tmp")
+    timed = frame.attrs.get("rounds")
+    if getattr(timed, "frame", None) is not None and len(timed.frame):  # the per-round values, for reproduction
+        _write_csv(timed.frame, directory, f"{experiment}{ROUNDS_SUFFIX}")
+    else:  # none: a previous run's rounds must not pass for this run's
+        (directory / f"{experiment}{ROUNDS_SUFFIX}.csv").unlink(missing_ok=True)
+    return _write_csv(frame, directory, experiment)
+
+
+ROUNDS_SUFFIX = ".rounds"  # `<experiment>.rounds.csv`: a results frame's per-round values (`attrs["rounds"]`)
+
+
+def _write_csv(frame: pd.DataFrame, directory: Path, name: str) -> Path:
+    """`frame` as `<directory>/<name>.csv`, written atomically (a temporary file, then a rename)."""
+    target = directory / f"{name}.csv"
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as handle:
             frame.to_csv(handle, index=False)
@@ -204,7 +219,17 @@ def save_results(rows: list[dict] | pd.DataFrame, experiment: str, device="cpu",
 
 
 def load_results(experiment: str, directory: Path | str | None = None) -> pd.DataFrame:
-    return pd.read_csv((Path(directory) if directory else results_dir()) / f"{experiment}.csv")
+    """A saved results frame; with its per-round values in `attrs["rounds"]` (a `rounds.Rounds` without return
+    values) where `save_results` wrote them beside it (`<experiment>.rounds.csv`; files saved before have none)."""
+    directory = Path(directory) if directory else results_dir()
+    frame = pd.read_csv(directory / f"{experiment}.csv")
+    rounds_file = directory / f"{experiment}{ROUNDS_SUFFIX}.csv"
+    if rounds_file.exists():
+        from .rounds import Rounds
+
+        calls = pd.read_csv(rounds_file)
+        frame.attrs["rounds"] = Rounds(calls, {}, list(dict.fromkeys(calls["arm"])))
+    return frame
 
 
 def save_headline(notebook: str, title: str, key_figure: str, verdict: str, table: pd.DataFrame | None = None,

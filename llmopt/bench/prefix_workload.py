@@ -25,6 +25,7 @@ from ..engine.generate import Decoder, GenerationConfig
 from ..errors import InvalidParameterError
 from . import harness
 from .harness import paired_interval, spread
+from .stats import estimate_verdict, interval_from_columns
 from .rounds import run_rounds
 from ..engine.kv_cache import kv_bytes_per_token
 from ..engine.prefix_cache import PrefixCache
@@ -249,9 +250,9 @@ def equivalence(frame: pd.DataFrame) -> pd.DataFrame:
 def versus_document(table: pd.DataFrame, prefix_tokens: int = 250) -> pd.DataFrame:
     """The document's prompt-caching estimates beside the measured values (scenario prefix), with verdicts."""
     at = table[table.prefix_tokens == prefix_tokens].set_index("engine")
-    measured = {
-        "cached prefix (hit)": (at.loc["warm (hit)", "end_to_end_s / no cache"], False),
-        "cache miss": (at.loc["cold (miss)", "end_to_end_s / no cache"], False),
+    ratio = "end_to_end_s / no cache"  # timed: paired-round interval, lower is better
+    timed = {"cached prefix (hit)": at.loc["warm (hit)"], "cache miss": at.loc["cold (miss)"]}
+    counted = {  # processed token counts are deterministic: a point verdict (`datasets.verdict`) is right
         "scenario without caching (50 system + 200 demonstrations + 20 user)":
             (at.loc["no prefix cache", "processed_tokens"], False),
         "scenario with caching": (at.loc["warm (hit)", "processed_tokens"], False),
@@ -260,11 +261,16 @@ def versus_document(table: pd.DataFrame, prefix_tokens: int = 250) -> pd.DataFra
     }
     rows = []
     for _, estimate in datasets.estimates("prompt_caching").iterrows():
-        value, higher_is_better = measured[estimate.condition]
+        if estimate.condition in timed:
+            interval = interval_from_columns(timed[estimate.condition], ratio)
+            value = interval.estimate
+            verdict = estimate_verdict(interval, estimate.low, estimate.high, higher_is_better=False)
+        else:
+            value, higher_is_better = counted[estimate.condition]
+            verdict = datasets.verdict(value, estimate.low, estimate.high, higher_is_better)
         rows.append({"metric": estimate.metric, "condition": estimate.condition, "unit": estimate.unit,
                      "estimate (document)": estimate.document_text, "low": estimate.low, "high": estimate.high,
-                     "measured": value,
-                     "verdict": datasets.verdict(value, estimate.low, estimate.high, higher_is_better)})
+                     "measured": value, "verdict": verdict})
     return pd.DataFrame(rows)
 
 

@@ -4,20 +4,22 @@ For each of the six optimizations, 07 re-measures in its own run the ratio (with
 optimization's own notebook measures: the same llmopt measurement function, the same two arms, the same metric,
 at one condition that notebook saved in its results (`data/results/`) and with the repeats it used there. The
 condition is read from the results, never written here: the one cheapest to re-measure (the shortest prompt, the
-smallest prefix, ...). Both ratios come with the band their repeats span: for medians a, b with spreads (range,
-or IQR from 4 repeats) sa, sb the band is [(a - sa/2) / (b + sb/2), (a + sa/2) / (b - sb/2)] (`ratio_band`).
-07's ratio is "within" when it falls inside the notebook's band (the issue's test), and the two bands "overlap"
-when 07's own band meets the notebook's. Beside the bands, each ratio gets its paired-round interval where the
-measurement carries its rounds (`effect_interval`: the geometric mean of the per-round ratios with a 95%
-interval, `stats.paired_ratio`): columns `rerun_ratio_geomean`, `_low`, `_high`, `_rounds` and the same for
-`notebook_ratio_` (NaN where the notebook's saved results hold no rounds, e.g. files saved before them).
+smallest prefix, ...).
+
+The test is an equivalence test on the per-round ratios of both measurements (`stats.equivalence`, TOST): the
+Welch-t 90% interval of rerun / notebook (ratio of geometric means) lies inside [1/(1 + margin), 1 + margin]:
+*consistent*; entirely outside it: *inconsistent*; otherwise (or fewer than 2 rounds on a side, or no per-round
+values saved by the notebook: results files written before `<name>.rounds.csv`): *inconclusive*, with the reason.
+The margin is fixed before measuring (07's `equivalence_margin`, default 0.15); `stats.margin_from_noise` gives
+beside it the smallest margin the measured round-to-round noise could ever call consistent. Each ratio also gets
+its paired-round 95% interval (`effect_interval`): columns `rerun_ratio_geomean`, `_low`, `_high`, `_rounds` and
+the same for `notebook_ratio_`.
 
 Adding an optimization on top of others on 07's own workload is another quantity, the marginal effect inside the
 stack (`marginal_effects`): it is shown beside this test, not used for it.
 """
 from __future__ import annotations
 
-import functools
 import math
 import re
 import time
@@ -28,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from . import harness
+from .stats import EQUIVALENCE_OUTCOMES, equivalence, margin_from_noise
 from ..errors import InvalidParameterError
 
 RESULTS = {  # optimization -> the results file of its own notebook that holds the compared arms
@@ -43,37 +46,23 @@ METRICS = {  # optimization -> (the metric its notebook reports, in words; its r
     "batching": ("throughput (generated tokens/s)", "tokens_per_s")}
 NOTEBOOK_WARMUP = 1  # warm-up rounds of 01, 03, 04 and 05 (their `warmup` default; not saved with the results)
 PYTORCH_ENGINE = " · PyTorch engine"  # 03's rows that repeat a format on the PyTorch engine
+DEFAULT_MARGIN = 0.15  # ±15 %: 07's `equivalence_margin` default, fixed before measuring
+NOT_COMPARED = "not compared"
 TINY = {"prompt_tokens": 8, "context_tokens": 32, "new_tokens": 3, "repeats": 1, "warmup": 0}  # smoke runs
 
 
 @dataclass
 class Condition:
-    """One optimization's effect at one condition of its own notebook: the notebook's ratio and band, and the
-    arguments its measurement needs to run again (`settings`: prompt tokens, new tokens, repeats, ...)."""
+    """One optimization's effect at one condition of its own notebook: the notebook's ratio (of medians) and its
+    per-round ratios (`rounds`; None where its results keep none, `rounds_note` says why), and the arguments its
+    measurement needs to run again (`settings`: prompt tokens, new tokens, repeats, ...)."""
     optimization: str
     settings: dict
     ratio: float
-    low: float
-    high: float
     text: str
+    rounds: np.ndarray | None = None
+    rounds_note: str = ""
     interval: dict = field(default_factory=dict)  # effect_interval of the notebook's results (may be all NaN)
-
-
-def ratio_band(a, spread_a, b, spread_b):
-    """(a / b, low, high) with each median moved by half its spread in the direction that widens the band (a NaN
-    spread counts as none). Numbers give floats; numpy arrays give arrays, element-wise (`within_band`)."""
-    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    spread_a, spread_b = (np.nan_to_num(np.asarray(s, dtype=float), nan=0.0) for s in (spread_a, spread_b))
-    low = (a - spread_a / 2) / (b + spread_b / 2)
-    denominator = b - spread_b / 2
-    high = np.where(denominator > 0, (a + spread_a / 2) / np.where(denominator > 0, denominator, 1.0), np.inf)
-    band = (a / b, low, high)
-    return tuple(float(x) for x in band) if np.ndim(band[0]) == 0 else band
-
-
-def _rows_ratio(on: pd.Series, off: pd.Series, column: str) -> tuple[float, float, float]:
-    """ratio_band of one column (and its `_spread` column) between two result rows."""
-    return ratio_band(on[column], on[f"{column}_spread"], off[column], off[f"{column}_spread"])
 
 
 # ---- the two arms of each effect, picked the same way from the notebook's results and from 07's re-measurement
@@ -117,11 +106,64 @@ ARMS = {"kv_cache": _kv_cache_arms, "quantization": _quantization_arms, "prompt_
         "batching": _batching_arms}
 
 
-def effect(optimization: str, frame: pd.DataFrame, settings: dict) -> tuple[float, float, float]:
-    """(ratio, low, high) of the 'with' arm over the 'without' arm on the optimization's metric, from a frame
+def effect(optimization: str, frame: pd.DataFrame, settings: dict) -> float:
+    """The ratio of medians of the 'with' arm over the 'without' arm on the optimization's metric, from a frame
     shaped as its notebook's results (the saved CSV or 07's re-measurement)."""
     on, off = ARMS[optimization](frame, settings)
-    return _rows_ratio(on, off, METRICS[optimization][1])
+    metric = METRICS[optimization][1]
+    return float(on[metric] / off[metric])
+
+
+def _round_arms(optimization: str, settings: dict) -> tuple[str, str]:
+    """The 'with' and 'without' arms of one effect in its measurement's rounds (`attrs["rounds"]`)."""
+    from . import batching_benchmark, benchmark, speculative_bench
+
+    s = settings
+    if optimization == "kv_cache":
+        return (benchmark.arm_name("static cache", s["prompt_tokens"]),
+                benchmark.arm_name("no cache", s["prompt_tokens"]))
+    if optimization == "quantization":
+        return (benchmark.arm_name(s["variant"] + PYTORCH_ENGINE, s["prompt_tokens"]),
+                benchmark.arm_name("fp32" + PYTORCH_ENGINE, s["prompt_tokens"]))
+    if optimization == "flash_attention":
+        return benchmark.arm_name("sdpa", s["context_tokens"]), benchmark.arm_name("naive", s["context_tokens"])
+    if optimization == "speculative_decoding":
+        return (speculative_bench.arm_name(s["workload"], "prompt_lookup", s["k"]),
+                speculative_bench.arm_name(s["workload"], speculative_bench.PLAIN, 0))
+    return (batching_benchmark.arm_name("burst", "continuous", s["concurrency"]),
+            batching_benchmark.arm_name("burst", "sequential", 1))
+
+
+def effect_rounds(optimization: str, frame: pd.DataFrame, settings: dict) -> np.ndarray | str:
+    """The per-round ratios (with / without, paired by round) of one effect: the input of `stats.equivalence`;
+    or why there are none (a reason). From the measurement's rounds (`attrs["rounds"]`: `benchmark.compare`,
+    `attention_bench.model_benchmark`, `speculative_bench.sweep`, `batching_benchmark.grid_rounds`; a saved file's
+    `<name>.rounds.csv`) or, for 04, its per-repeat rows."""
+    metric = METRICS[optimization][1]
+    try:
+        if optimization == "prompt_caching":
+            if "repeat" not in frame:
+                return "results keep no per-repeat rows"
+            at = frame[frame.prefix_tokens == settings["prefix_tokens"]]
+            on = at[at.engine == "warm (hit)"].groupby("repeat")[metric].median()
+            off = at[at.engine == "no prefix cache"].groupby("repeat")[metric].median()
+            ratios = (on / off).to_numpy(dtype=float)
+        else:
+            timed = frame.attrs.get("rounds")
+            if timed is None:
+                return ("results keep no per-round values (saved without them: files written before "
+                        "<name>.rounds.csv existed)")
+            calls = timed.frame
+            on_arm, off_arm = _round_arms(optimization, settings)
+            if metric not in calls or not {on_arm, off_arm} <= set(calls["arm"]):
+                raise KeyError(f"{on_arm!r} or {off_arm!r} ({metric})")
+            on, off = (calls[calls["arm"] == arm].groupby("round")[metric].median() for arm in (on_arm, off_arm))
+            ratios = (on / off).dropna().to_numpy(dtype=float)  # paired by round number (02 repeats some arms only)
+    except (KeyError, IndexError, ValueError, InvalidParameterError) as exc:
+        return f"per-round values lack this condition ({type(exc).__name__}: {exc})"
+    ratios = np.asarray(ratios, dtype=float)
+    ratios = ratios[np.isfinite(ratios) & (ratios > 0)]
+    return ratios if ratios.size else "rounds have no round with both arms measured"
 
 
 INTERVAL_KEYS = ("geomean", "low", "high", "rounds")
@@ -287,12 +329,15 @@ def read_condition(optimization: str, directory: Path, model_name: str | None = 
         return f"not compared: {name} was measured with {other}"
     try:
         settings, text = SETTINGS[optimization](frame, directory, **choice)
-        ratio, low, high = effect(optimization, frame, settings)
+        ratio = effect(optimization, frame, settings)
     except FileNotFoundError as exc:
         return f"not compared: {exc}"
     except (KeyError, IndexError, ValueError) as exc:
         return f"not compared: {name} lacks the rows this check reads ({type(exc).__name__}: {exc})"
-    return Condition(optimization, settings, ratio, low, high, text, effect_interval(optimization, frame, settings))
+    rounds = effect_rounds(optimization, frame, settings)
+    note = f"{name}.csv: {rounds}" if isinstance(rounds, str) else ""
+    return Condition(optimization, settings, ratio, text, None if note else rounds, note,
+                     effect_interval(optimization, frame, settings))
 
 
 def notebook_conditions(directory: Path | str | None = None, model_name: str | None = None, dtype: str | None = None,
@@ -418,7 +463,9 @@ def _measure_batching(model, tokenizer, s: dict) -> pd.DataFrame:
     configs = [("sequential", 1), ("continuous", s["concurrency"])]
     grid, _ = bench.run_grid(model, {"burst": burst}, configs, s["repeats"], s["timeout_ms"], tokenizer,
                              progress=False)
-    return bench.summarize(grid)
+    summary = bench.summarize(grid)
+    summary.attrs["rounds"] = bench.grid_rounds(grid)  # the per-round throughputs, paired by repeat
+    return summary
 
 
 MEASURES = {"kv_cache": _measure_kv_cache, "quantization": _measure_quantization,
@@ -440,84 +487,50 @@ def measure(condition: Condition, model, tokenizer) -> pd.DataFrame:
 # ---- the table
 
 INTERVAL_COLUMNS = [f"{side}_ratio_{key}" for side in ("rerun", "notebook") for key in INTERVAL_KEYS]
-COLUMNS = ["optimization", "metric", "rerun_ratio", "rerun_low", "rerun_high", "notebook_ratio", "notebook_low",
-           "notebook_high", "rerun / notebook", "within_notebook_spread", "bands_overlap", "verdict", "repeats",
+COLUMNS = ["optimization", "metric", "rerun_ratio", "notebook_ratio", "rerun / notebook", "outcome",
+           "equivalence_ratio", "equivalence_low", "equivalence_high", "margin", "noise_margin", "verdict", "repeats",
            "condition", "measure_s", *INTERVAL_COLUMNS]
 
 
-def compare(condition: Condition, ratio: float, low: float, high: float, seconds: float = math.nan,
-            interval: dict | None = None) -> dict:
-    """One row: 07's re-measured ratio and band beside the notebook's, and the verdict; with `interval` (the
-    rerun's `effect_interval`) and the condition's, the paired-round intervals of both (NaN where missing)."""
-    inside = bool(condition.low <= ratio <= condition.high)
-    verdict = ("reproduced (within the notebook's spread)" if inside else
-               f"not reproduced: {ratio:.2f}x against {condition.low:.2f}-{condition.high:.2f}x")
-    if condition.low == condition.high:
-        verdict += " (the notebook's band has no width: it measured this condition once)"
+def compare(condition: Condition, ratio: float, rerun_rounds: np.ndarray | str | None, seconds: float = math.nan,
+            interval: dict | None = None, margin: float = DEFAULT_MARGIN) -> dict:
+    """One row: 07's re-measured ratio beside the notebook's, and the equivalence outcome of their per-round ratios
+    (`stats.equivalence(rerun, notebook, margin)`: the 90% interval of rerun / notebook against
+    [1/(1 + margin), 1 + margin]). No per-round values on a side (a reason string or None) or fewer than 2 rounds:
+    'inconclusive', with the reason. `noise_margin`: `stats.margin_from_noise`, the smallest margin these rounds
+    could call consistent. With `interval` (the rerun's `effect_interval`) and the condition's, the paired-round
+    95% intervals of both ratios (NaN where missing)."""
+    band = f"±{margin:.0%} ({1 / (1 + margin):.3g}-{1 + margin:g}x)"
+    outcome, low, high, estimate, noise = "inconclusive", math.nan, math.nan, math.nan, math.nan
+    if condition.rounds is None:
+        verdict = f"inconclusive: the notebook's {condition.rounds_note or 'per-round values are unavailable'}"
+    elif rerun_rounds is None or isinstance(rerun_rounds, str):
+        verdict = f"inconclusive: the re-measurement's {rerun_rounds or 'per-round values are unavailable'}"
+    else:
+        outcome, result = equivalence(rerun_rounds, condition.rounds, margin)
+        estimate, low, high = result.estimate, result.low, result.high
+        if result.single:
+            verdict = (f"inconclusive: fewer than 2 rounds on a side (notebook {len(condition.rounds)}, "
+                       f"re-measurement {len(rerun_rounds)}): no interval")
+        else:
+            noise = margin_from_noise(rerun_rounds, condition.rounds)
+            verdict = (f"{outcome}: rerun / notebook {estimate:.2f}x (90% CI {low:.2f}-{high:.2f}, "
+                       f"{len(rerun_rounds)} and {len(condition.rounds)} rounds) against {band}")
     return {"optimization": condition.optimization, "metric": f"{METRICS[condition.optimization][0]} with / without",
-            "rerun_ratio": ratio, "rerun_low": low, "rerun_high": high, "notebook_ratio": condition.ratio,
-            "notebook_low": condition.low, "notebook_high": condition.high,
-            "rerun / notebook": ratio / condition.ratio, "within_notebook_spread": inside,
-            "bands_overlap": bool(low <= condition.high and condition.low <= high), "verdict": verdict,
+            "rerun_ratio": ratio, "notebook_ratio": condition.ratio, "rerun / notebook": ratio / condition.ratio,
+            "outcome": outcome, "equivalence_ratio": estimate, "equivalence_low": low, "equivalence_high": high,
+            "margin": margin, "noise_margin": noise, "verdict": verdict,
             "repeats": condition.settings.get("repeats"), "condition": condition.text, "measure_s": seconds,
             **{f"{side}_ratio_{key}": (values or {}).get(key, math.nan)
                for side, values in (("rerun", interval), ("notebook", condition.interval)) for key in INTERVAL_KEYS}}
 
 
-def _spreads(samples: np.ndarray) -> np.ndarray:
-    """`harness.spread` of every row of a (trials, repeats) array: the range below 4 repeats, else the IQR with
-    `statistics.quantiles`' default (exclusive) method, which is numpy's 'weibull'."""
-    repeats = samples.shape[1]
-    if repeats < 2:
-        return np.zeros(len(samples))
-    if repeats < 4:
-        return samples.max(axis=1) - samples.min(axis=1)
-    q1, q3 = np.quantile(samples, [0.25, 0.75], axis=1, method="weibull")
-    return q3 - q1
-
-
-def within_band(notebook_on: np.ndarray, notebook_off: np.ndarray, rerun_on: np.ndarray,
-                rerun_off: np.ndarray) -> np.ndarray:
-    """Per trial (rows of (trials, repeats) arrays of the two arms' measurements): does the rerun's ratio of
-    medians fall within the notebook's `ratio_band`? The test `compare` applies, vectorized."""
-    _, low, high = ratio_band(np.median(notebook_on, axis=1), _spreads(notebook_on),
-                              np.median(notebook_off, axis=1), _spreads(notebook_off))
-    ratio = np.median(rerun_on, axis=1) / np.median(rerun_off, axis=1)
-    return (ratio >= low) & (ratio <= high)
-
-
-@functools.lru_cache(maxsize=None)
-def chance_within(notebook_repeats: int, rerun_repeats: int, trials: int = 200_000, seed: int = 0,
-                  noise: float = 0.08) -> float:
-    """The probability that this test passes on a perfectly stable machine: both arms measured with independent,
-    identically distributed normal noise (`noise`: its standard deviation relative to the mean; the answer barely
-    depends on it), `notebook_repeats` measurements of each arm give the notebook's band (`ratio_band` of the
-    medians and `harness.spread`s), `rerun_repeats` of each give the rerun's ratio of medians. Seeded simulation
-    of the very test 07 applies: what "within the notebook's spread" can be expected to give at best."""
-    if notebook_repeats < 1 or rerun_repeats < 1:
-        raise InvalidParameterError("need at least one measurement on each side")
-    rng = np.random.default_rng(seed)
-
-    def arm(repeats):
-        return 1 + noise * rng.standard_normal((trials, repeats))
-    return float(within_band(arm(notebook_repeats), arm(notebook_repeats), arm(rerun_repeats),
-                             arm(rerun_repeats)).mean())
-
-
-def repeats_for(probability: float, rows: int, largest: int = 40, trials: int = 20_000) -> int | None:
-    """The fewest repeats (the same on both sides, every row) with which all `rows` effects fall within their
-    notebook's band with at least `probability` on a perfectly stable machine (`chance_within`); None if more
-    than `largest` would be needed."""
-    if not 0 < probability < 1 or rows < 1:
-        raise InvalidParameterError(f"need 0 < probability < 1 and rows >= 1, got {probability} and {rows}")
-    return next((n for n in range(2, largest + 1) if chance_within(n, n, trials) ** rows >= probability), None)
-
-
 def _not_compared(name: str, why: str) -> dict:
-    return {"optimization": name, "metric": f"{METRICS[name][0]} with / without", "verdict": why}
+    return {"optimization": name, "metric": f"{METRICS[name][0]} with / without", "outcome": NOT_COMPARED,
+            "verdict": why}
 
 
-def _reproduce_one(name: str, condition: Condition | str, model, tokenizer) -> dict:
+def _reproduce_one(name: str, condition: Condition | str, model, tokenizer, margin: float) -> dict:
     if not isinstance(condition, Condition):
         return _not_compared(name, condition)
     start = time.perf_counter()
@@ -526,42 +539,39 @@ def _reproduce_one(name: str, condition: Condition | str, model, tokenizer) -> d
     except InvalidParameterError as exc:  # e.g. a saved workload this tokenizer cannot rebuild
         return _not_compared(name, f"not compared: {exc}")
     seconds = time.perf_counter() - start
-    return compare(condition, *effect(name, frame, condition.settings), seconds,
-                   effect_interval(name, frame, condition.settings))
+    return compare(condition, effect(name, frame, condition.settings), effect_rounds(name, frame, condition.settings),
+                   seconds, effect_interval(name, frame, condition.settings), margin)
 
 
-def reproduce(conditions: dict[str, Condition | str], model, tokenizer) -> pd.DataFrame:
-    """Re-measure every condition (`notebook_conditions`) on `model` and compare each ratio with its notebook's
-    band; a condition that could not be read or rebuilt gives a row that says why ('not compared: ...')."""
-    rows = [_reproduce_one(name, conditions.get(name, "not compared: no condition"), model, tokenizer)
+def reproduce(conditions: dict[str, Condition | str], model, tokenizer, margin: float = DEFAULT_MARGIN
+              ) -> pd.DataFrame:
+    """Re-measure every condition (`notebook_conditions`) on `model` and test each effect's equivalence with its
+    notebook's (`compare`, at `margin`); a condition that could not be read or rebuilt gives a row that says why
+    (outcome 'not compared')."""
+    if not margin > 0:
+        raise InvalidParameterError(f"margin must be positive (0.15 means ratios within 15%), got {margin}")
+    rows = [_reproduce_one(name, conditions.get(name, "not compared: no condition"), model, tokenizer, margin)
             for name in RESULTS]
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
-def counts(table: pd.DataFrame) -> dict[str, int | float]:
-    """How many rows were reproduced within the notebook's spread, had overlapping bands, were compared, in all;
-    how many of the compared ones would fall within on a perfectly stable machine, on average, and the chance
-    that all of them would (`chance_within` at each row's repeats, the same on both sides)."""
-    compared = table[table.rerun_ratio.notna()]
-    chances = [chance_within(int(r), int(r)) for r in compared.repeats]
-    return {"within": int((table.within_notebook_spread == True).sum()),  # noqa: E712 (NaN rows: not compared)
-            "overlapping": int((table.bands_overlap == True).sum()),  # noqa: E712
-            "compared": len(compared), "total": len(table),
-            "expected_within_if_stable": sum(chances), "chance_all_within_if_stable": float(np.prod(chances))}
+def counts(table: pd.DataFrame) -> dict[str, int]:
+    """How many rows are consistent, inconclusive, inconsistent, not compared, and in all (inconclusive is never
+    counted as consistent)."""
+    found = table.outcome.value_counts()
+    return {**{name: int(found.get(name, 0)) for name in (*EQUIVALENCE_OUTCOMES, NOT_COMPARED)}, "total": len(table)}
 
 
-def projected_extra_s(table: pd.DataFrame, repeats: int) -> float:
-    """Seconds one side (the notebooks' or 07's) would add to re-measure every compared row with `repeats`
-    repeats, projected from the rows' measured `measure_s` per repeat they used (which includes the warm-up and
-    setup, so it leans high)."""
-    compared = table[table.rerun_ratio.notna()]
-    return float(sum(max(repeats - int(r), 0) * s / int(r) for r, s in zip(compared.repeats, compared.measure_s)))
+def counts_text(tally: dict[str, int]) -> str:
+    """E.g. 'consistent 4, inconclusive 2, inconsistent 0' (and ', not compared 1' where some were not)."""
+    text = ", ".join(f"{name} {tally[name]}" for name in ("consistent", "inconclusive", "inconsistent"))
+    return text + (f", not compared {tally[NOT_COMPARED]}" if tally.get(NOT_COMPARED) else "")
 
 
 # ---- the stack's own steps: a different quantity
 
-MARGINAL_COLUMNS = ["optimization", "metric", "step", "marginal_ratio", "marginal_low", "marginal_high",
-                    "single_ratio", "marginal / single", *[f"marginal_ratio_{key}" for key in INTERVAL_KEYS]]
+MARGINAL_COLUMNS = ["optimization", "metric", "step", "marginal_ratio", "single_ratio", "marginal / single",
+                    *[f"marginal_ratio_{key}" for key in INTERVAL_KEYS]]
 
 
 def _stack_interval(run: pd.DataFrame, metric: str, on: str, off: str) -> dict:
@@ -572,12 +582,11 @@ def _stack_interval(run: pd.DataFrame, metric: str, on: str, off: str) -> dict:
     return _interval_of(harness.paired_interval("ratio", timed.values(on, metric), timed.values(off, metric)))
 
 
-def marginal_effects(run: pd.DataFrame, order: list[str], labels: dict[str, str],
-                     batching: tuple[float, float, float] | None = None,
+def marginal_effects(run: pd.DataFrame, order: list[str], labels: dict[str, str], batching: float | None = None,
                      singles: pd.DataFrame | None = None) -> pd.DataFrame:
     """The marginal effect inside the stack: per optimization, the stack that adds it over the stack before it
     (07's workload, `order` of stacking; `labels`: optimization -> configuration name), on the metric of
-    `METRICS`. `batching`: (ratio, low, high) of continuous / sequential on the stacked model; `singles`: the
+    `METRICS` (ratio of medians). `batching`: continuous / sequential on the stacked model; `singles`: the
     `reproduce` table, whose re-measured single effect is shown beside for reading. With `combined.measure`'s
     rounds in `run.attrs`, each step also gets its paired-round interval (`marginal_ratio_geomean`, `_low`,
     `_high`, `_rounds`)."""
@@ -585,17 +594,17 @@ def marginal_effects(run: pd.DataFrame, order: list[str], labels: dict[str, str]
     single = singles.set_index("optimization").rerun_ratio if singles is not None else pd.Series(dtype=float)
     steps, previous = [], "baseline"
     for name in order:
-        ratio, low, high = _rows_ratio(table.loc[labels[name]], table.loc[previous], METRICS[name][1])
-        steps.append((name, f"'{previous}' -> '{labels[name]}'", ratio, low, high,
-                      _stack_interval(run, METRICS[name][1], labels[name], previous)))
+        metric = METRICS[name][1]
+        ratio = float(table.loc[labels[name], metric] / table.loc[previous, metric])
+        steps.append((name, f"'{previous}' -> '{labels[name]}'", ratio,
+                      _stack_interval(run, metric, labels[name], previous)))
         previous = labels[name]
     if batching is not None:
-        steps.append(("batching", "continuous / sequential on the stacked model", *batching, {}))
+        steps.append(("batching", "continuous / sequential on the stacked model", float(batching), {}))
     rows = []
-    for name, step, ratio, low, high, interval in steps:
+    for name, step, ratio, interval in steps:
         alone = single.get(name, math.nan)
         rows.append({"optimization": name, "metric": f"{METRICS[name][0]} with / without", "step": step,
-                     "marginal_ratio": ratio, "marginal_low": low, "marginal_high": high, "single_ratio": alone,
-                     "marginal / single": ratio / alone,
+                     "marginal_ratio": ratio, "single_ratio": alone, "marginal / single": ratio / alone,
                      **{f"marginal_ratio_{key}": interval.get(key, math.nan) for key in INTERVAL_KEYS}})
     return pd.DataFrame(rows, columns=MARGINAL_COLUMNS)

@@ -150,3 +150,14 @@ def run_rounds(arms: Mapping[str, Callable[[], Any]], rounds: int, warmup: int =
                     results[name].append(result)
                 bar.update()
     return Rounds(pd.DataFrame(rows), results, names)
+
+
+def merge_rounds(parts: list[Rounds]) -> Rounds:
+    """The Rounds of separate runs with distinct arms as one object (e.g. a frame concatenated from several
+    `benchmark.compare` calls): each arm keeps its own round numbers, so an arm's values pair by round only with
+    the arms of its own run; pairing arms of different runs would pair calls made minutes apart."""
+    arms = [arm for part in parts for arm in part.arms]
+    if len(set(arms)) != len(arms):
+        raise InvalidParameterError(f"merge_rounds: the runs share arm names, their rounds would mix: {arms}")
+    frame = pd.concat([part.frame for part in parts], ignore_index=True) if parts else pd.DataFrame(columns=COLUMNS)
+    return Rounds(frame, {}, arms)

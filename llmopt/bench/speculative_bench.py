@@ -14,6 +14,7 @@ from ..errors import InvalidParameterError
 from . import datasets
 from .harness import call_columns, light_rounds, paired_interval, spread
 from .rounds import run_rounds
+from .stats import estimate_verdict, interval_from_columns
 
 
 def grounded_passage(min_chars: int = 600, index: int = 0) -> str:
@@ -136,7 +137,8 @@ def document_comparison(results, estimates, k: int = 5, tolerance: float = 0.1):
 
     Per document row: Leviathan's expected speedup at that acceptance (free drafter, verification costing one
     decode step), and the measured configurations whose per-token acceptance `alpha` lies within `tolerance`
-    of it, with their measured speedup and a verdict against the document's range."""
+    of it, with their measured speedup and a verdict against the document's range (`stats.estimate_verdict` on
+    the row's paired-round interval `speedup_geomean/_low/_high`)."""
     measured = results[(results.k == k) & (results.drafter != PLAIN)]
     rows = []
     for est in estimates.itertuples():
@@ -147,9 +149,10 @@ def document_comparison(results, estimates, k: int = 5, tolerance: float = 0.1):
                "leviathan_expected (c=0)": expected_speedup(acceptance, k, 0.0)}
         if len(near):
             best = near.iloc[(near.alpha - acceptance).abs().argmin()]
+            interval = interval_from_columns(best, "speedup")  # paired rounds; one round: inconclusive
             row.update({"measured_config": f"{best.drafter} / {best.workload} (k={k})",
                         "measured_alpha": best.alpha, "measured_speedup": best.speedup,
-                        "verdict": datasets.verdict(best.speedup, est.low, est.high)})
+                        "verdict": estimate_verdict(interval, est.low, est.high)})
         else:
             row.update({"measured_config": "none measured at this acceptance", "measured_alpha": float("nan"),
                         "measured_speedup": float("nan"), "verdict": "not measured"})

@@ -252,3 +252,40 @@ def margin_from_noise(rounds_a: Sequence[float], rounds_b: Sequence[float], conf
         raise InvalidParameterError("margin_from_noise: need at least 2 rounds on each side to estimate noise")
     diff, _, high = _welch(logs_a, logs_b, _confidence(confidence))
     return math.exp(high - diff) - 1
+
+
+def interval_from_columns(row, prefix: str, point: float | None = None, confidence: float = 0.95) -> Interval:
+    """The Interval a result row carries in `{prefix}_geomean`, `_low`, `_high`, `_rounds` (the measurement
+    loops' interval columns). Where it carries none (columns missing or NaN, fewer than 2 rounds: an old results
+    file, one repeat), the point value `point` (default row[prefix]) as a one-round Interval, on which
+    `estimate_verdict` reads 'inconclusive'."""
+    def get(key: str) -> float:
+        try:
+            value = row[key] if key in row else math.nan
+            return float(value)
+        except (TypeError, ValueError):
+            return math.nan
+
+    estimate, low, high, rounds = (get(f"{prefix}_{k}") for k in ("geomean", "low", "high", "rounds"))
+    if all(np.isfinite([estimate, low, high, rounds])) and rounds >= 2:
+        return Interval(estimate, low, high, int(rounds), confidence)
+    value = float(point) if point is not None else get(prefix)
+    if not np.isfinite(value):
+        value = estimate
+    return Interval(value, value, value, 1, confidence, "single round")
+
+
+def estimate_verdict(interval: Interval, estimate_low: float, estimate_high: float, higher_is_better: bool = True,
+                     unit: str = "x", digits: int = 2, **limits: float) -> str:
+    """The rule for a measurement against the design document's estimate, with its text.
+
+    With an interval of 2 or more paired rounds: `verdict_text` (confirmed / refuted (better|worse) /
+    inconclusive by the interval rule of `verdict`; higher_is_better=False for latency, time to first token and
+    memory). With only a point estimate (fewer than 2 rounds): 'inconclusive', whatever side of the range the
+    point lies, since one round says nothing about how far the next would move. E.g.
+    'confirmed: 2.36x (2.21-2.52) vs estimate 2-3x', 'inconclusive: 1.13x (1 round) vs estimate 1x'.
+    """
+    text = verdict_text(interval, estimate_low, estimate_high, higher_is_better, unit, digits, **limits)
+    if interval.single:
+        return "inconclusive" + text[text.index(":"):]
+    return text

@@ -20,6 +20,7 @@ import tokenize
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..engine.shapes import PREFIX, SHAPES
 from ..errors import InvalidParameterError
 from ..paths import REPO_ROOT
 
@@ -133,7 +134,11 @@ def _flag() -> Param:
 
 DTYPES = ("fp32", "bf16", "fp16")
 COMMON = {
-    "model": Param("str", optional=True),
+    "model": Param("str", optional=True, pattern=(  # anything, but a shape must be a known one (checked up front)
+        rf"(?is)(?!\s*{PREFIX}).*|\s*{PREFIX}({'|'.join(re.escape(k) for k in SHAPES)})(@\d+)?\s*"), text=(
+        "a checkpoint directory, a cached Hugging Face id (owner/name), None for the default model, or "
+        f"{', '.join(PREFIX + k for k in SHAPES)} (that architecture with seeded random weights: speed and memory "
+        "only)")),
     "device": Param("str", pattern=r"cpu|cuda(:\d+)?|mps", text="'cpu', 'cuda', 'cuda:N' or 'mps'"),
     "dtype": Param("str", choices=DTYPES),
     "threads": _int(1),
@@ -193,6 +198,7 @@ DECLARED: dict[str, dict[str, Param]] = {
         "peers": _flag(), "llama_cpp": _flag(), "passage_tokens": _int(), "system_tokens": _int(),
         "demonstration_tokens": _int(), "format_prompt_tokens": _int(), "format_new_tokens": _int(),
         "reference_results": Param("str", optional=True), "shrink_reproduction": _flag(),
+        "equivalence_margin": Param("float", above=0),
     },
 }
 

@@ -1,22 +1,15 @@
 """The combined notebook's check against each optimization's own notebook (llmopt.bench.reproduction)."""
-import math
-from dataclasses import replace
 
+import numpy as np
 import pandas as pd
 import pytest
 
-from llmopt.bench import reproduction, workload
+from llmopt.bench import benchmark, harness, reproduction, workload
+from llmopt.bench.rounds import Rounds
 from llmopt.errors import InvalidParameterError
 from llmopt.bench.reproduction import Condition
 
 INT4 = "INT4 RTN g64, lm_head INT8"
-
-
-def test_ratio_band_widens_with_the_spreads():
-    ratio, low, high = reproduction.ratio_band(10.0, 2.0, 5.0, 1.0)
-    assert ratio == 2.0 and low == pytest.approx(9 / 5.5) and high == pytest.approx(11 / 4.5)
-    assert reproduction.ratio_band(10.0, float("nan"), 5.0, 0.0) == (2.0, 2.0, 2.0)
-    assert math.isinf(reproduction.ratio_band(1.0, 0.0, 1.0, 4.0)[2])
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +80,8 @@ def test_each_condition_is_the_cheapest_one_its_notebook_saved(results):
     assert all(isinstance(v, Condition) for v in c.values()), c
     kv = c["kv_cache"]
     assert kv.settings == {"prompt_tokens": 32, "new_tokens": 8, "repeats": 2, "warmup": 1}
-    assert kv.ratio == pytest.approx(14 / 6) and kv.low == pytest.approx(13.5 / 6.1)
+    assert kv.ratio == pytest.approx(14 / 6)
+    assert kv.rounds is None and "no per-round values" in kv.rounds_note  # saved without 01_kv_cache_sweep.rounds
     quant = c["quantization"].settings
     assert (quant["method"], quant["bits"], quant["group_size"], quant["lm_head_bits"]) == ("rtn", 4, 64, 8)
     assert c["quantization"].ratio == pytest.approx(2.0)  # the PyTorch-engine pair, not the fused 4.0
@@ -97,7 +91,8 @@ def test_each_condition_is_the_cheapest_one_its_notebook_saved(results):
     assert "with INT8 RTN (per channel)" in c["quantization"].text
     caching = c["prompt_caching"]
     assert caching.settings["prefix_tokens"] == 50 and caching.settings["repeats"] == 3
-    assert caching.ratio == pytest.approx(0.2 / 0.41) and caching.high == pytest.approx(0.2 / (0.41 - 0.01))
+    assert caching.ratio == pytest.approx(0.2 / 0.41)
+    assert caching.rounds == pytest.approx([0.2 / 0.4, 0.2 / 0.41, 0.2 / 0.42])  # 04's per-repeat rows
     assert c["flash_attention"].settings["context_tokens"] == 512  # 256 has no sdpa row that ran
     assert c["flash_attention"].ratio == pytest.approx(0.8)
     spec = c["speculative_decoding"].settings
@@ -106,7 +101,7 @@ def test_each_condition_is_the_cheapest_one_its_notebook_saved(results):
     batch = c["batching"]
     assert batch.settings["concurrency"] == 8 and batch.settings["repeats"] == 2
     assert len(batch.settings["requests"]) == 3
-    assert batch.ratio == pytest.approx(3.0) and batch.low == pytest.approx(2.9)
+    assert batch.ratio == pytest.approx(3.0)
     assert "32-token prompt" in kv.text and "50-token shared prefix" in caching.text
 
 
@@ -117,67 +112,68 @@ def test_missing_results_another_model_or_a_missing_companion_file_are_not_compa
     table = reproduction.reproduce(missing, model=None, tokenizer=None)  # nothing to measure: no model needed
     assert list(table.columns) == reproduction.COLUMNS and list(table.optimization) == list(reproduction.RESULTS)
     assert table.rerun_ratio.isna().all() and table.verdict.str.startswith("not compared").all()
-    assert reproduction.counts(table) == {"within": 0, "overlapping": 0, "compared": 0, "total": 6,
-                                          "expected_within_if_stable": 0, "chance_all_within_if_stable": 1.0}
+    assert reproduction.counts(table) == {"consistent": 0, "inconsistent": 0, "inconclusive": 0, "not compared": 6,
+                                          "total": 6}
     other = reproduction.notebook_conditions(results, "another-model", "fp32")
     assert all(v.startswith("not compared") and "another-model" in v for v in other.values())
     (results / "02_batching_workload.csv").unlink()
     assert "02_batching_workload.csv" in reproduction.notebook_conditions(results)["batching"]
 
 
-def test_a_row_says_whether_the_rerun_falls_within_the_notebooks_band():
-    c = Condition("kv_cache", {"repeats": 2}, 3.0, 2.5, 3.5, "01: ...")
-    inside = reproduction.compare(c, 3.2, 3.0, 3.4)
-    assert inside["within_notebook_spread"] and inside["bands_overlap"] and inside["verdict"].startswith("reproduced")
-    near = reproduction.compare(c, 3.7, 3.4, 4.0)
-    assert not near["within_notebook_spread"] and near["bands_overlap"]
-    assert near["verdict"] == "not reproduced: 3.70x against 2.50-3.50x" and near["repeats"] == 2
-    far = reproduction.compare(c, 5.0, 4.5, 5.5)
-    assert not far["within_notebook_spread"] and not far["bands_overlap"]
-    assert "no width" in reproduction.compare(Condition("kv_cache", {}, 3.0, 3.0, 3.0, ""), 3.1, 3.0, 3.2)["verdict"]
-
-
-def test_the_simulated_test_is_the_test_compare_applies():
-    import numpy as np
-
-    from llmopt.bench import harness
-
-    rng = np.random.default_rng(1)
-    for n in (2, 3, 4, 5, 7):
-        on, off, again_on, again_off = (1 + 0.1 * rng.standard_normal((50, n)) for _ in range(4))
-        fast = reproduction.within_band(on, off, again_on, again_off)
-        for t in range(50):
-            _, low, high = reproduction.ratio_band(float(np.median(on[t])), harness.spread(list(on[t])),
-                                                   float(np.median(off[t])), harness.spread(list(off[t])))
-            ratio = float(np.median(again_on[t]) / np.median(again_off[t]))
-            c = Condition("kv_cache", {"repeats": n}, 1.0, low, high, "")
-            assert fast[t] == reproduction.compare(c, ratio, ratio, ratio)["within_notebook_spread"]
-
-
-def test_the_chance_of_falling_within_a_band_on_a_stable_machine():
-    assert reproduction.chance_within(1, 2) == 0  # a band of one measurement per arm has no width
-    two = reproduction.chance_within(2, 2)
-    assert 0.5 < two < 0.57 and two < reproduction.chance_within(3, 3) < reproduction.chance_within(8, 8) < 1
-    assert reproduction.chance_within(2, 2, noise=0.02) == pytest.approx(two, abs=0.01)  # barely depends on it
+def test_a_row_is_an_equivalence_test_of_the_per_round_ratios():
+    notebook = np.array([3.0, 3.06, 2.94, 3.0])
+    c = Condition("kv_cache", {"repeats": 4}, 3.0, "01: ...", notebook)
+    same = reproduction.compare(c, 3.01, np.array([3.02, 2.98, 3.0, 3.03]))
+    assert same["outcome"] == "consistent" and same["verdict"].startswith("consistent: rerun / notebook 1.00x")
+    assert "against ±15% (0.87-1.15x)" in same["verdict"] and same["noise_margin"] < 0.15
+    far = reproduction.compare(c, 4.5, np.array([4.5, 4.6, 4.4, 4.5]))
+    assert far["outcome"] == "inconsistent" and far["equivalence_low"] > 1.15
+    noisy = reproduction.compare(c, 3.2, np.array([2.0, 4.5]))
+    assert noisy["outcome"] == "inconclusive" and noisy["noise_margin"] > 0.15
+    assert reproduction.compare(c, 3.1, np.array([3.1]))["verdict"].startswith(
+        "inconclusive: fewer than 2 rounds on a side (notebook 4, re-measurement 1)")
+    old = Condition("kv_cache", {"repeats": 2}, 3.0, "", None, "01_kv_cache_sweep.csv: results keep no per-round values")
+    row = reproduction.compare(old, 3.0, np.array([3.0, 3.0]))
+    assert row["outcome"] == "inconclusive" and "no per-round values" in row["verdict"]
+    assert reproduction.compare(c, 3.0, "rounds have no round with both arms measured")["outcome"] == "inconclusive"
+    # the margin is the caller's, fixed in advance: a wide one turns the noisy row consistent, never the reverse
+    assert reproduction.compare(c, 3.0, np.array([3.0, 3.06, 2.94, 3.0]), margin=0.5)["outcome"] == "consistent"
     with pytest.raises(InvalidParameterError):
-        reproduction.chance_within(0, 2)
-    needed = reproduction.repeats_for(0.9, 6)
-    assert reproduction.chance_within(needed, needed, 20_000) ** 6 >= 0.9
-    assert reproduction.chance_within(needed - 1, needed - 1, 20_000) ** 6 < 0.9
-    assert reproduction.repeats_for(0.9, 6, largest=3) is None
-    with pytest.raises(InvalidParameterError):
-        reproduction.repeats_for(1.0, 6)
-    c = Condition("kv_cache", {"repeats": 2}, 3.0, 2.5, 3.5, "01: ...")
-    table = pd.DataFrame([reproduction.compare(c, 3.2, 3.0, 3.4, 4.0), reproduction.compare(c, 5.0, 4.5, 5.5, 2.0),
-                          reproduction.compare(replace(c, settings={"repeats": 3}), 3.1, 3.0, 3.2, 6.0)],
+        reproduction.reproduce({}, None, None, margin=0)
+
+
+def test_the_counts_never_count_inconclusive_as_consistent():
+    c = Condition("kv_cache", {"repeats": 2}, 3.0, "", np.array([3.0, 3.05, 2.95]))
+    table = pd.DataFrame([reproduction.compare(c, 3.0, np.array([3.0, 3.03, 2.97])),
+                          reproduction.compare(c, 3.0, np.array([2.0, 4.0])),
+                          reproduction.compare(c, 3.0, np.array([6.0, 6.1, 5.9])),
+                          reproduction._not_compared("batching", "not compared: no results")],
                          columns=reproduction.COLUMNS)
     tally = reproduction.counts(table)
-    assert (tally["within"], tally["overlapping"], tally["compared"]) == (2, 2, 3)
-    three = reproduction.chance_within(3, 3)
-    assert tally["expected_within_if_stable"] == pytest.approx(2 * two + three)
-    assert tally["chance_all_within_if_stable"] == pytest.approx(two * two * three)
-    assert reproduction.projected_extra_s(table, 4) == pytest.approx(2 * 4.0 / 2 + 2 * 2.0 / 2 + 1 * 6.0 / 3)
-    assert reproduction.projected_extra_s(table, 2) == 0  # never fewer repeats than measured
+    assert tally == {"consistent": 1, "inconsistent": 1, "inconclusive": 1, "not compared": 1, "total": 4}
+    assert reproduction.counts_text(tally) == ("consistent 1, inconclusive 1, inconsistent 1, not compared 1")
+    assert reproduction.counts_text({**tally, "not compared": 0}) == "consistent 1, inconclusive 1, inconsistent 1"
+
+
+def test_saved_rounds_come_back_and_pair_by_round(tmp_path):
+    arms = [benchmark.arm_name("no cache", 32), benchmark.arm_name("static cache", 32)]
+    calls = pd.DataFrame({"round": [0, 0, 1, 1, 2, 2], "arm": arms * 3, "wall_s": 1.0, "contended": False,
+                          "decode_tokens_per_s": [2.0, 6.0, 2.2, 6.0, 1.8, 6.3]})
+    frame = pd.DataFrame({"engine": ["no cache", "static cache"], "prompt_tokens": 32,
+                          "decode_tokens_per_s": [2.0, 6.0]})
+    frame.attrs["rounds"] = Rounds(calls, {}, arms)
+    harness.save_results(frame, "01_kv_cache_sweep", directory=tmp_path)
+    assert (tmp_path / "01_kv_cache_sweep.rounds.csv").exists()
+    loaded = harness.load_results("01_kv_cache_sweep", tmp_path)
+    ratios = reproduction.effect_rounds("kv_cache", loaded, {"prompt_tokens": 32})
+    assert ratios == pytest.approx([3.0, 6.0 / 2.2, 6.3 / 1.8])
+    assert "lack this condition" in reproduction.effect_rounds("kv_cache", loaded, {"prompt_tokens": 64})
+    bare = pd.DataFrame(frame)  # a frame without rounds replaces the file: the old rounds must go with it
+    bare.attrs = {}
+    harness.save_results(bare, "01_kv_cache_sweep", directory=tmp_path)
+    assert not (tmp_path / "01_kv_cache_sweep.rounds.csv").exists()
+    assert "no per-round values" in reproduction.effect_rounds("kv_cache", harness.load_results(
+        "01_kv_cache_sweep", tmp_path), {"prompt_tokens": 32})
 
 
 def test_tiny_shrinks_every_measurement_but_keeps_the_arms(results):
@@ -211,7 +207,11 @@ def test_every_effect_is_re_measured_with_its_notebooks_function(results, tiny_w
     table = reproduction.reproduce(conditions, tiny_wide, tokenizer).set_index("optimization")
     assert tiny_wide.attention_backend == "naive"
     assert (table.rerun_ratio > 0).all() and table.measure_s.notna().all(), table.verdict
-    assert (table.rerun_low <= table.rerun_ratio).all() and (table.repeats == 1).all()
+    assert (table.repeats == 1).all() and (table.outcome == "inconclusive").all(), table.verdict  # one round
+    assert table.loc["prompt_caching", "verdict"].startswith("inconclusive: fewer than 2 rounds")
+    for name in conditions:  # every re-measurement carries its per-round ratios
+        frame = reproduction.measure(conditions[name], tiny_wide, tokenizer)
+        assert len(reproduction.effect_rounds(name, frame, conditions[name].settings)) == 1, name
     assert table.loc["quantization", "notebook_ratio"] == pytest.approx(2.0)
     measured = reproduction.measure(conditions["quantization"], tiny_wide, tokenizer)
     assert list(measured.engine) == ["fp32 · PyTorch engine", "INT8 RTN (per channel) · PyTorch engine",
@@ -226,10 +226,9 @@ def test_the_marginal_table_takes_each_stack_step_on_the_single_effects_metric()
                             "rerun_ratio": [3.0, 0.25, 2.0]})
     table = reproduction.marginal_effects(run, ["kv_cache", "prompt_caching"],
                                           {"kv_cache": "kv_cache", "prompt_caching": "kv_cache + prompt_caching"},
-                                          (2.5, 2.5, 2.5), singles).set_index("optimization")
+                                          2.5, singles).set_index("optimization")
     assert list(table.index) == ["kv_cache", "prompt_caching", "batching"]
     assert table.loc["kv_cache", "marginal_ratio"] == pytest.approx(6.0)
     assert table.loc["kv_cache", "marginal / single"] == pytest.approx(2.0)
     assert table.loc["prompt_caching", "marginal_ratio"] == pytest.approx(0.5)  # time to first token, not decode
-    assert table.loc["prompt_caching", "marginal_low"] == pytest.approx(0.4)
     assert table.loc["batching", "step"].startswith("continuous / sequential")
