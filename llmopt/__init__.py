@@ -6,9 +6,9 @@ Quick start:
     decoder = Decoder(lm.model, lm.tokenizer, cache="static")
     print(decoder.generate("Why is the sky blue?", GenerationConfig(max_new_tokens=40), chat=True).text)
 """
-from .errors import LLMOptError
 from .engine.generate import Decoder, Generation, GenerationConfig
 from .engine.loading import load_model
+from .errors import LLMOptError
 
 __all__ = ["load_model", "Decoder", "Generation", "GenerationConfig", "LLMOptError"]
 __version__ = "0.1.0"

@@ -21,8 +21,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..engine import attention
-from . import benchmark
 from ..engine.generate import Decoder
+from . import benchmark
 from .harness import Timing, paired_interval, peak_memory_bytes, synchronize
 from .rounds import merge_rounds
 from .stats import Interval, estimate_verdict, interval_from_columns

@@ -17,13 +17,12 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from . import datasets
-from ..engine.batching import SCHEDULERS, RequestRecord, RunResult, run
+from ..engine.batching import SCHEDULERS, Request, RequestRecord, RunResult, run
 from ..errors import InvalidParameterError
+from . import datasets
 from .harness import paired_interval, spread
 from .rounds import run_rounds
 from .stats import Interval, estimate_verdict, interval_from_columns, ratio_interval
-from ..engine.batching import Request
 from .workload import Workload
 
 METRICS = ["tokens_per_s", "decode_tokens_per_s", "requests_per_s", "wall_s", "latency_p50_s", "latency_p95_s",

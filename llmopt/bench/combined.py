@@ -24,9 +24,9 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from ..errors import InvalidParameterError
 from ..engine import quantization
 from ..engine.generate import Decoder, Generation, GenerationConfig
+from ..errors import InvalidParameterError
 from .harness import call_columns, light_rounds, paired_interval, spread
 from .rounds import run_rounds
 
@@ -269,9 +269,9 @@ def format_engines(model, tokenizer, gguf_path=None, threads: int = 2, directory
     `llmopt.engine.fused_decode`) and, when `gguf_path` is given, llama.cpp
     on the same weights re-encoded by its own quantizer (the Q4_1 row is the shipped file itself), the re-encoded
     files cached in `directory` (default: the model cache's gguf/)."""
-    from . import benchmark, peers
     from ..engine import fused_decode
     from ..paths import cache_dir
+    from . import benchmark, peers
 
     directory = directory or cache_dir() / "gguf"
     engines = {}

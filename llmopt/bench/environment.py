@@ -15,7 +15,6 @@ from ..hardware import cpu_flags, cpu_name, device_name, isa_level, l3_cache_byt
 from ..paths import REPO_ROOT
 
 
-
 def set_threads(threads: int | None) -> int:
     """Use `threads` intra-op threads (None: leave torch's default). Returns the number in force.
 

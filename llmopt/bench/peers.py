@@ -14,8 +14,8 @@ import importlib.util
 import time
 from pathlib import Path
 
-from ..errors import InvalidParameterError
 from ..engine.generate import Generation
+from ..errors import InvalidParameterError
 from .harness import quiet_output
 
 

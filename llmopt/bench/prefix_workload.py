@@ -20,15 +20,14 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from . import datasets
 from ..engine.generate import Decoder, GenerationConfig
-from ..errors import InvalidParameterError
-from . import harness
-from .harness import paired_interval, spread
-from .stats import estimate_verdict, interval_from_columns
-from .rounds import run_rounds
 from ..engine.kv_cache import kv_bytes_per_token
 from ..engine.prefix_cache import PrefixCache
+from ..errors import InvalidParameterError
+from . import datasets, harness
+from .harness import paired_interval, spread
+from .rounds import run_rounds
+from .stats import estimate_verdict, interval_from_columns
 
 ROLES = ["a careful Python tutor", "a support agent for a software company", "a code reviewer",
          "a technical writer", "a teaching assistant for a programming course", "a documentation search bot",

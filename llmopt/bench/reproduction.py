@@ -29,9 +29,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..errors import InvalidParameterError
 from . import harness
 from .stats import EQUIVALENCE_OUTCOMES, equivalence, margin_from_noise
-from ..errors import InvalidParameterError
 
 RESULTS = {  # optimization -> the results file of its own notebook that holds the compared arms
     "kv_cache": "01_kv_cache_sweep", "quantization": "03_quantization_engines",
@@ -375,8 +375,8 @@ def batching_workload(tokenizer, requests: pd.DataFrame):
     `heldout:START:LENGTH`) cut to its saved length from the left as the pool cuts long prompts, with its saved
     cap and arrival. The seed and caps 02 drew are in the rows; the pool's text lengths and prompt cap are not,
     and the sources make them unnecessary."""
-    from . import datasets
     from ..engine.batching import Request
+    from . import datasets
     from .workload import Workload, WorkloadParams, prompt_pool
 
     pool = dict(prompt_pool(tokenizer, text_lengths=(), max_prompt_tokens=None))
@@ -403,8 +403,8 @@ def batching_workload(tokenizer, requests: pd.DataFrame):
 
 
 def _measure_kv_cache(model, tokenizer, s: dict) -> pd.DataFrame:
-    from . import benchmark
     from ..engine.generate import Decoder
+    from . import benchmark
 
     engines = {"no cache": benchmark.ours(Decoder(model, tokenizer, cache="none")),
                "static cache": benchmark.ours(Decoder(model, tokenizer, cache="static"))}
@@ -413,9 +413,9 @@ def _measure_kv_cache(model, tokenizer, s: dict) -> pd.DataFrame:
 
 
 def _measure_quantization(model, tokenizer, s: dict) -> pd.DataFrame:
-    from . import benchmark
     from ..engine import quantized_variants as qv
     from ..engine.generate import Decoder
+    from . import benchmark
 
     models = {"fp32": model}  # compared only when 03's dtype is this run's (fp32)
     for r in s["pytorch_rows"]:  # every row 03 timed beside fp32 (the compared variant among them), in 03's order

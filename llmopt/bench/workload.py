@@ -24,8 +24,8 @@ import numpy as np
 import pandas as pd
 
 from ..engine.batching import Request
-from . import datasets
 from ..errors import InvalidParameterError
+from . import datasets
 
 ARRIVALS = ("burst", "poisson")
 

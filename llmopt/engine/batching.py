@@ -41,17 +41,17 @@ from __future__ import annotations
 
 import math
 import time
-from itertools import accumulate
 from collections import deque
 from dataclasses import dataclass, field
+from itertools import accumulate
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from .attention import causal_mask
 from ..errors import ContextLengthError, InvalidParameterError
 from ..hardware import contended, synchronize
+from .attention import causal_mask
 from .generate import Decoder, GenerationConfig
 from .kv_cache import StaticCache
 

@@ -22,8 +22,8 @@ import ctypes
 import torch
 from torch import nn
 
-from . import cpu_kernels
 from ..errors import InvalidParameterError
+from . import cpu_kernels
 from .kv_cache import StaticCache
 
 W_F32, W_BF16, W_Q8, W_Q4 = 0, 1, 2, 3

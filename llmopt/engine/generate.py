@@ -20,7 +20,6 @@ from .kv_cache import make_cache
 from .prefix_cache import model_fingerprint
 from .sampling import SamplingParams, sample
 
-
 ENGINES = ("pytorch", "fused")
 
 

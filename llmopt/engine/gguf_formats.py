@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import cpu_kernels
 from ..errors import InvalidParameterError
+from . import cpu_kernels
 from .quantization import QuantizedWeight, apply_quantized, default_activation_dtype, linear_names, replace_module
 
 BLOCK = 32

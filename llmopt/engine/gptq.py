@@ -29,8 +29,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from . import cpu_kernels
 from ..errors import InvalidParameterError
+from . import cpu_kernels
 from .quantized_weight import QuantizedWeight, group_params, quantize_codes, rtn
 
 

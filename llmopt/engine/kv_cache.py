@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from .config import ModelConfig
 from ..errors import ContextLengthError, InvalidParameterError
+from .config import ModelConfig
 
 
 def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype, batch_size: int = 1) -> int:

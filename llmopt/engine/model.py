@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import InvalidParameterError, UnsupportedModelError
 from . import attention
 from .config import ModelConfig
-from ..errors import InvalidParameterError, UnsupportedModelError
 
 ROPE_TABLE_MAX = 65536  # positions; beyond this cos/sin are computed per call instead of tabulated
 

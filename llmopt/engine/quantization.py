@@ -24,7 +24,6 @@ matrix) is quantized as its own copy when `include_lm_head=True`; the embedding 
 """
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import nn

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import gguf_formats, gptq_format, quantization
 from ..errors import InvalidParameterError
+from . import gguf_formats, gptq_format, quantization
 
 
 @dataclass

@@ -25,7 +25,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterator, Protocol, Sequence
 
 import torch
@@ -35,7 +35,6 @@ from ..errors import InvalidParameterError
 from .generate import Decoder, Generation, GenerationConfig
 from .kv_cache import make_cache
 from .sampling import SamplingParams, probabilities
-
 
 # ----------------------------------------------------------------------------------------------------------
 # The acceptance rule (batched, so the statistical test runs many independent draws through the same code)

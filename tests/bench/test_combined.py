@@ -3,11 +3,11 @@ import pytest
 import torch
 
 from llmopt.bench import combined
-from llmopt.errors import InvalidParameterError
+from llmopt.engine.generate import Decoder, GenerationConfig
 from llmopt.engine.prefix_cache import PrefixCache
 from llmopt.engine.speculative import PromptLookupDrafter, SpeculativeDecoder
-from llmopt.engine.generate import Decoder, GenerationConfig
 from llmopt.engine.testing import tiny_pair
+from llmopt.errors import InvalidParameterError
 
 
 @pytest.fixture(scope="module")

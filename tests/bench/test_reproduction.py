@@ -5,9 +5,9 @@ import pandas as pd
 import pytest
 
 from llmopt.bench import benchmark, harness, reproduction, workload
+from llmopt.bench.reproduction import Condition
 from llmopt.bench.rounds import Rounds
 from llmopt.errors import InvalidParameterError
-from llmopt.bench.reproduction import Condition
 
 INT4 = "INT4 RTN g64, lm_head INT8"
 

@@ -10,9 +10,9 @@ import torch
 
 from llmopt.bench import rounds as rounds_module
 from llmopt.bench.rounds import Rounds, run_rounds
-from llmopt.hardware import CONTENDED_FRACTION, contended
 from llmopt.bench.stats import paired_ratio
 from llmopt.errors import InvalidParameterError
+from llmopt.hardware import CONTENDED_FRACTION, contended
 
 
 def counting_arms(names, calls):

@@ -7,10 +7,19 @@ import numpy as np
 import pytest
 from scipy import stats as st
 
-from llmopt.bench.stats import (Interval, bootstrap_ratio, equivalence, margin_from_noise, mean_interval,
-                                paired_ratio, percentiles, ratio_interval, verdict, verdict_text)
+from llmopt.bench.stats import (
+    Interval,
+    bootstrap_ratio,
+    equivalence,
+    margin_from_noise,
+    mean_interval,
+    paired_ratio,
+    percentiles,
+    ratio_interval,
+    verdict,
+    verdict_text,
+)
 from llmopt.errors import InvalidParameterError
-
 
 # ---- paired_ratio ---------------------------------------------------------------------------------------
 

@@ -5,12 +5,12 @@ import functools
 import pytest
 import torch
 
-from llmopt.engine import attention
 from llmopt.bench import attention_bench
-from llmopt.errors import InvalidParameterError
-from llmopt.engine.generate import Decoder, GenerationConfig
 from llmopt.bench.harness import peak_memory_bytes
+from llmopt.engine import attention
+from llmopt.engine.generate import Decoder, GenerationConfig
 from llmopt.engine.testing import tiny_model
+from llmopt.errors import InvalidParameterError
 
 TOLERANCE = 1e-5
 CPU_BACKENDS = ["tiled", "sdpa"]

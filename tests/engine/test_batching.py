@@ -5,11 +5,11 @@ import pandas as pd
 import pytest
 import torch
 
-from llmopt.engine import batching
 from llmopt.bench import workload
-from llmopt.errors import InvalidParameterError
+from llmopt.engine import batching
 from llmopt.engine.generate import Decoder, GenerationConfig
 from llmopt.engine.testing import tiny_model
+from llmopt.errors import InvalidParameterError
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 from llmopt.engine import agreement, cpu_kernels, quantization
-from llmopt.errors import InvalidParameterError
-from llmopt.engine.generate import Decoder, GenerationConfig
+from llmopt.engine.generate import Decoder
 from llmopt.engine.testing import tiny_model
+from llmopt.errors import InvalidParameterError
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(),
                                 reason=f"llmopt CPU kernels unavailable: {cpu_kernels.unavailable_reason()}")

@@ -7,8 +7,8 @@ import os
 import pytest
 import torch
 
-from llmopt.engine import attention, batching, quantization
 from llmopt.bench import workload
+from llmopt.engine import attention, batching, quantization
 from llmopt.engine.generate import Decoder, GenerationConfig
 from llmopt.engine.prefix_cache import PrefixCache
 from llmopt.engine.quantization import quantize_model
@@ -161,8 +161,8 @@ def default_on_device():
     """The real default model on the GPU, fp32, beside transformers' on the same weights (skipped without it)."""
     from transformers import AutoModelForCausalLM
 
-    from llmopt.errors import ModelNotFoundError
     from llmopt.engine.loading import load_model
+    from llmopt.errors import ModelNotFoundError
 
     try:
         lm = load_model(None, "fp32", DEVICE)

@@ -1,5 +1,4 @@
 """Bad input: one clear error, no partial result files."""
-import json
 import re
 import shutil
 
@@ -8,11 +7,11 @@ import pytest
 import torch
 
 from llmopt.cli import main
-from llmopt.errors import InvalidParameterError, ModelNotFoundError, UnsupportedModelError
 from llmopt.engine import gptq, quantization
 from llmopt.engine.generate import Decoder, GenerationConfig
 from llmopt.engine.loading import load_model, resolve_device
 from llmopt.engine.testing import tiny_model, tiny_pair
+from llmopt.errors import InvalidParameterError, ModelNotFoundError, UnsupportedModelError
 
 
 def test_missing_model_path(tmp_path):
@@ -34,8 +33,8 @@ def test_unsupported_architecture(tmp_path):
 
 
 def test_unknown_dtype():
-    from llmopt.errors import InvalidParameterError
     from llmopt.engine.loading import resolve_dtype
+    from llmopt.errors import InvalidParameterError
 
     with pytest.raises(InvalidParameterError, match="unknown dtype"):
         resolve_dtype("int3")

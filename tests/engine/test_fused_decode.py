@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from llmopt.engine import agreement, cpu_kernels, quantization
-from llmopt.errors import InvalidParameterError
 from llmopt.engine.fused_decode import FusedDecodeStep, engine_for, supported
 from llmopt.engine.generate import Decoder, GenerationConfig
 from llmopt.engine.kv_cache import DynamicCache, StaticCache
 from llmopt.engine.testing import tiny_model
+from llmopt.errors import InvalidParameterError
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(),
                                 reason=f"llmopt CPU kernels unavailable: {cpu_kernels.unavailable_reason()}")

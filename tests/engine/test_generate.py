@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from llmopt.errors import ContextLengthError, InvalidParameterError
 from llmopt.engine.generate import Decoder, GenerationConfig
 from llmopt.engine.sampling import SamplingParams, probabilities
 from llmopt.engine.testing import tiny_pair
+from llmopt.errors import ContextLengthError, InvalidParameterError
 
 
 @pytest.fixture(scope="module")

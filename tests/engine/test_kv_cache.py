@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from llmopt.errors import ContextLengthError
 from llmopt.engine.generate import Decoder, GenerationConfig
 from llmopt.engine.kv_cache import DynamicCache, StaticCache, kv_bytes_per_token, make_cache
 from llmopt.engine.testing import tiny_pair
+from llmopt.errors import ContextLengthError
 
 PROMPTS = [[5, 6, 7], [11, 3, 40, 41, 42, 9, 17, 80], list(range(10, 60)), [90]]
 

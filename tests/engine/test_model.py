@@ -4,8 +4,8 @@ import torch
 
 from llmopt.engine.config import ModelConfig, truncated_hf_config
 from llmopt.engine.kv_cache import make_cache
-from llmopt.errors import UnsupportedModelError
 from llmopt.engine.testing import tiny_hf_config, tiny_pair
+from llmopt.errors import UnsupportedModelError
 
 ROPE_VARIANTS = {
     "default": {},

@@ -5,10 +5,10 @@ import random
 import pytest
 import torch
 
-from llmopt.errors import InvalidParameterError
 from llmopt.engine.generate import Decoder, GenerationConfig
 from llmopt.engine.prefix_cache import PrefixCache, model_fingerprint
 from llmopt.engine.testing import tiny_model
+from llmopt.errors import InvalidParameterError
 
 GREEDY = GenerationConfig(max_new_tokens=12)
 
@@ -286,8 +286,8 @@ def test_cold_vs_warm_rows_equivalence_and_document_table(tiny_wide, tokenizer):
 
 
 def test_multi_tenant_replay_respects_the_limit_and_counts(tiny_wide, tokenizer):
-    from llmopt.engine.kv_cache import kv_bytes_per_token
     from llmopt.bench.prefix_workload import multi_tenant
+    from llmopt.engine.kv_cache import kv_bytes_per_token
 
     limit = 600 * kv_bytes_per_token(tiny_wide.config, torch.float32)
     frame = multi_tenant(tiny_wide, tokenizer, requests=40, tenants=5, users=6, max_bytes=limit, ttl_s=20)

@@ -8,9 +8,9 @@ import torch
 
 from llmopt.bench import bandwidth, evaluation
 from llmopt.engine import cpu_kernels, gguf_formats, gptq, gptq_format, quantization
-from llmopt.errors import InvalidParameterError
 from llmopt.engine.generate import Decoder, GenerationConfig
 from llmopt.engine.testing import tiny_hf_config, tiny_model
+from llmopt.errors import InvalidParameterError
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

@@ -5,12 +5,18 @@ from scipy.stats import chisquare
 
 from llmopt.bench import speculative_bench
 from llmopt.engine import speculative
-from llmopt.errors import InvalidParameterError
 from llmopt.engine.generate import Decoder, GenerationConfig
 from llmopt.engine.sampling import SamplingParams, probabilities
-from llmopt.engine.speculative import (PromptLookupDrafter, SpeculativeDecoder, early_exit_model, expected_speedup,
-                                make_drafter, speculative_sample)
+from llmopt.engine.speculative import (
+    PromptLookupDrafter,
+    SpeculativeDecoder,
+    early_exit_model,
+    expected_speedup,
+    make_drafter,
+    speculative_sample,
+)
 from llmopt.engine.testing import tiny_model
+from llmopt.errors import InvalidParameterError
 
 PROMPT = [5, 17, 23, 5, 17, 40, 41, 42, 5, 17]
 

@@ -53,11 +53,11 @@ def run_in_one_kernel(notebooks: list, parameters: dict, results_dir) -> dict:
     smoke settings and `parameters`: the runner's own path is what the default model's smoke runs test; here
     the subject is the model, and one kernel saves each notebook its ~12 s of imports. Returns name -> error."""
     import nbformat
-    from papermill.iorw import load_notebook_node
-    from papermill.parameterize import parameterize_notebook
     from jupyter_client.manager import KernelManager
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError
+    from papermill.iorw import load_notebook_node
+    from papermill.parameterize import parameterize_notebook
 
     from llmopt.report.parameters import resolve
 
