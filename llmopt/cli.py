@@ -104,7 +104,8 @@ def _dispatch(args) -> int:
 
         # The GGUF conversion (~40 s, one core: transformers parses the file once each for config, tokenizer and
         # weights) runs beside the bytecode warm-up (~35 s, one core).
-        convert = subprocess.Popen([sys.executable, "-c", "from llmopt.engine.loading import default_checkpoint_dir as d; d()"])
+        convert = subprocess.Popen(
+            [sys.executable, "-c", "from llmopt.engine.loading import default_checkpoint_dir as d; d()"])
         warm_bytecode()
         from .engine import cpu_kernels
         from .engine.loading import default_checkpoint_dir

@@ -15,6 +15,7 @@ from typing import Callable
 import pandas as pd
 import torch
 
+from ..engine import agreement
 from ..engine.generate import Decoder, Generation, GenerationConfig
 from ..hardware import contended
 from .harness import light_rounds, paired_interval, spread
@@ -223,3 +224,21 @@ def check_lossless(identical: bool, dtype, what: str) -> bool:
         raise AssertionError(what)
     print(f"NOTE ({dtype}): {what}. Half precision rounds differently per kernel shape; fp32 is the exact check.")
     return False
+
+
+def agreement_table(reference, candidates: dict, prompts: dict, new_tokens: int,
+                    tolerance: float = agreement.TOLERANCE) -> pd.DataFrame:
+    """Per prompt and candidate engine, the ISA-independent agreement with `reference` (llmopt.engine.agreement:
+    logit error within `tolerance` of the largest logit at every teacher-forced step, greedy tokens identical up
+    to the first near-tie under that bound). `reference` and each candidate are (tokens_fn, logits_fn) pairs, as
+    `agreement.of_decoder` / `of_transformers` give; `prompts` maps a label to token ids."""
+    rows = []
+    for label, ids in prompts.items():
+        expected = agreement.Reference.of(reference, ids, new_tokens)
+        for name, engine in candidates.items():
+            result = expected.against(engine, tolerance)
+            rows.append({"prompt": label, "engine": name, "identical_steps": result.identical_steps,
+                         "steps": result.steps, "first_near_tie": result.first_near_tie,
+                         "max_logit_error": result.max_relative_error, "bound": result.tolerance,
+                         "top1_agreement": result.top1_agreement, "agrees": result.agrees})
+    return pd.DataFrame(rows)

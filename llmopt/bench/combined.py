@@ -38,7 +38,8 @@ LABELS = {"kv_cache": "+ KV cache", "quantization": "+ quantization", "prompt_ca
           "flash_attention": "+ flash attention (SDPA)", "speculative_decoding": "+ speculative (prompt lookup)",
           "fused_decode": "+ fused decode step (not in the document)"}
 MODULES = {"kv_cache": ["kv_cache.py"], "batching": ["batching.py"],
-           "quantization": ["quantization.py", "quantized_weight.py", "gptq.py", "gptq_format.py"], "prompt_caching": ["prefix_cache.py"],
+           "quantization": ["quantization.py", "quantized_weight.py", "gptq.py", "gptq_format.py"],
+           "prompt_caching": ["prefix_cache.py"],
            "flash_attention": ["attention.py"], "speculative_decoding": ["speculative.py"],
            "fused_decode": ["fused_decode.py", "csrc/decode_step.c"]}
 
@@ -303,6 +304,7 @@ def format_table(rows: pd.DataFrame) -> pd.DataFrame:
             row["llama_cpp_decode_tokens_per_s"] = table.loc[other, "decode_tokens_per_s"]
             row["llama_cpp_prefill_tokens_per_s"] = prefill(other)
             row["decode_ours_over_llama_cpp"] = row["ours_decode_tokens_per_s"] / row["llama_cpp_decode_tokens_per_s"]
-            row["prefill_ours_over_llama_cpp"] = row["ours_prefill_tokens_per_s"] / row["llama_cpp_prefill_tokens_per_s"]
+            row["prefill_ours_over_llama_cpp"] = (row["ours_prefill_tokens_per_s"]
+                                                  / row["llama_cpp_prefill_tokens_per_s"])
         out.append(row)
     return pd.DataFrame(out)

@@ -12,8 +12,8 @@
 
 Prompts, caps and arrivals are drawn from three `numpy.random.Generator`s seeded from `seed`, so one seed gives
 the same prompts and caps whatever the arrival process and the number of requests (a Poisson workload of k
-requests asks what the first k requests of the burst workload ask, and their greedy answers must be the same). `Workload.frame()` and `Workload.params` are what
-the notebook saves beside its results so a run can be reproduced.
+requests asks what the first k requests of the burst workload ask, and their greedy answers must be the same).
+`Workload.frame()` and `Workload.params` are what the notebook saves beside its results so a run can be reproduced.
 """
 from __future__ import annotations
 
@@ -70,7 +70,8 @@ def with_answer_lengths(pool: list[tuple[str, list[int]]], n_requests: int, seed
     workloads = {}
     for caps in answer_lengths:
         if not (isinstance(caps, (list, tuple)) and len(caps) == 2 and all(isinstance(c, int) for c in caps)):
-            raise InvalidParameterError(f"answer lengths are [min, max] pairs of integers, e.g. [[16, 64]]; got {caps!r}")
+            raise InvalidParameterError(
+                f"answer lengths are [min, max] pairs of integers, e.g. [[16, 64]]; got {caps!r}")
         lo, hi = caps
         workloads[f"burst, answers {lo}-{hi}"] = make_workload(pool, n_requests, seed, "burst", min_new_tokens=lo,
                                                                max_new_tokens=hi)

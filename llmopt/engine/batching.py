@@ -296,7 +296,8 @@ class _SlotMixedStep:
         key_position = [p for _, n in keys_held for p in range(n)]
         self.query_slot = torch.tensor(query_slot, device=device)
         query_position = torch.tensor(query_position, device=device)
-        self.key_slot, self.key_position = torch.tensor(key_slot, device=device), torch.tensor(key_position, device=device)
+        self.key_slot = torch.tensor(key_slot, device=device)
+        self.key_position = torch.tensor(key_position, device=device)
         self.positions = query_position[None]
         same_slot = self.query_slot[:, None] == self.key_slot[None, :]
         self.mask = (same_slot & (self.key_position[None, :] <= query_position[:, None]))[None, None]

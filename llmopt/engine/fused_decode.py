@@ -8,7 +8,8 @@ weights and static KV cache buffers shared with the model, nothing copied) as on
 
 It is an engine choice, not new math: `Decoder(..., engine="fused")` takes it for steps of batch 1 into a
 `StaticCache` of one token, or of up to `cpu_kernels.MAX_ROWS` consecutive tokens (speculative decoding's
-verification of a draft), and everything else (prefill, batches, other caches, CUDA) goes to the model as before. In fp32 its greedy tokens are tested equal to the PyTorch engine's and to transformers'
+verification of a draft), and everything else (prefill, batches, other caches, CUDA) goes to the model as before.
+In fp32 its greedy tokens are tested equal to the PyTorch engine's and to transformers'
 (tests/test_fused_decode.py, tests/test_e2e_default.py); its sums run in another order, so with int4 weights,
 whose kernel rounds the activations to int8 codes, a last-bit difference can move a code and, at a near-tie, a
 token, as a batch or a verification step does on the PyTorch engine too (quantization is not lossless). It runs
@@ -78,7 +79,8 @@ def supported(model: nn.Module) -> str | None:
     cfg = model.config
     if cfg.head_dim > MAX_HEAD_DIM or cfg.num_heads % cfg.num_kv_heads:
         return f"head_dim {cfg.head_dim} / heads {cfg.num_heads}:{cfg.num_kv_heads} not supported"
-    norms = [model.norm] + [n for layer in model.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]
+    norms = [model.norm] + [n for layer in model.layers
+                            for n in (layer.input_layernorm, layer.post_attention_layernorm)]
     if any(n.weight.dtype != torch.float32 for n in norms):
         return "the model computes in bf16/fp16 (the fused step keeps fp32 activations, as the model does in fp32)"
     if not model.rope_cos.shape[0] or model.rope_cos.dtype != torch.float32:

@@ -161,5 +161,6 @@ def load_gguf_layers(model: nn.Module, path: str | Path,
     for name, q in weights.items():
         linear = model.get_submodule(name)
         if tuple(linear.weight.shape) != q.shape:
-            raise InvalidParameterError(f"{name}: GGUF shape {q.shape} does not fit the model's {tuple(linear.weight.shape)}")
+            raise InvalidParameterError(
+                f"{name}: GGUF shape {q.shape} does not fit the model's {tuple(linear.weight.shape)}")
     return weights, apply_gguf(model, weights, activation_dtype)

@@ -72,7 +72,8 @@ def to_tensors(q: QuantizedWeight, checkpoint_format: str) -> dict[str, torch.Te
     }
 
 
-def from_tensors(tensors: dict[str, torch.Tensor], bits: int, group_size: int, checkpoint_format: str) -> QuantizedWeight:
+def from_tensors(tensors: dict[str, torch.Tensor], bits: int, group_size: int,
+                 checkpoint_format: str) -> QuantizedWeight:
     codes = unpack_int32(tensors["qweight"], bits, dim=0).t().to(torch.uint8).contiguous()
     zeros = unpack_int32(tensors["qzeros"], bits, dim=1).t().to(torch.float32)
     if checkpoint_format == "gptq":

@@ -84,7 +84,7 @@ def resolve_checkpoint(name_or_path: str | os.PathLike | None) -> Path:
     if name_or_path in (None, "", DEFAULT_MODEL, f"HuggingFaceTB/{DEFAULT_MODEL}", "default"):
         return default_checkpoint_dir()
     if shapes.is_shape(name_or_path):  # `shape:NAME[@SEED]`: a known architecture with seeded random weights
-        return shapes.checkpoint_dir(str(name_or_path))
+        return shapes.checkpoint_dir(str(name_or_path), default_checkpoint_dir())
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():

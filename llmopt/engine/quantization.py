@@ -1,7 +1,8 @@
 """Weight-only quantization of the decoder's linear layers, run on PyTorch's packed kernels (after gpt-fast).
 
-Every method (round-to-nearest here, GPTQ in `llmopt.engine.gptq`, GGUF blocks in `llmopt.engine.gguf_formats`, GPTQ-format
-checkpoints in `llmopt.engine.gptq_format`) produces the same integer representation, a `QuantizedWeight`:
+Every method (round-to-nearest here, GPTQ in `llmopt.engine.gptq`, GGUF blocks in `llmopt.engine.gguf_formats`,
+GPTQ-format checkpoints in `llmopt.engine.gptq_format`) produces the same integer representation, a
+`QuantizedWeight`:
 
     weight[n, k] ~= (codes[n, k] - zeros[n, group(k)]) * scales[n, group(k)]
 
@@ -101,7 +102,8 @@ class Int4Linear(nn.Module):
         self.register_buffer("scales_and_zeros", scales_and_zeros)
         self.register_buffer("bias", bias)
         self.register_buffer("input_order", input_order)
-        self.kernel = "torch._weight_int4pack_mm" if packed.device.type == "cuda" else "torch._weight_int4pack_mm_for_cpu"
+        self.kernel = ("torch._weight_int4pack_mm" if packed.device.type == "cuda"
+                       else "torch._weight_int4pack_mm_for_cpu")
 
     @classmethod
     def from_quantized(cls, q: QuantizedWeight, bias=None, dtype=torch.bfloat16, device=None) -> "Int4Linear":

@@ -1,10 +1,10 @@
 """The rows of the quantization comparison (notebook 03): one copy of the model per weight format, each with the
 kernel it runs on, the time it took to make and the bytes it takes in a file.
 
-Formats: dense fp32 / bf16; RTN and GPTQ (`llmopt.engine.quantization`, `llmopt.engine.gptq`) at 8 or 4 bits, saved as GPTQ-
-format checkpoints (`llmopt.engine.gptq_format`) to measure their size on disk; GGUF blocks (`llmopt.engine.gguf_formats`):
-the default model's own Q4_1 file, or Q8_0 / Q4_0 made with the `gguf` package. A format the kernels cannot take
-(e.g. group size 128 with width 576) becomes a row that says why instead of an error.
+Formats: dense fp32 / bf16; RTN and GPTQ (`llmopt.engine.quantization`, `llmopt.engine.gptq`) at 8 or 4 bits, saved
+as GPTQ-format checkpoints (`llmopt.engine.gptq_format`) to measure their size on disk; GGUF blocks
+(`llmopt.engine.gguf_formats`): the default model's own Q4_1 file, or Q8_0 / Q4_0 made with the `gguf` package.
+A format the kernels cannot take (e.g. group size 128 with width 576) becomes a row that says why instead of an error.
 """
 from __future__ import annotations
 

@@ -27,7 +27,8 @@ from ..paths import cache_dir
 
 PREFIX = "shape:"
 INIT_STD = 0.02
-INIT_RECIPE = "normal(0, 0.02) per weight in named order from one torch.Generator(seed), fp32 then bf16; norms 1, biases 0"
+INIT_RECIPE = ("normal(0, 0.02) per weight in named order from one torch.Generator(seed), fp32 then bf16; "
+               "norms 1, biases 0")
 SAVED_DTYPE = "bfloat16"  # what the checkpoint holds: half of fp32's disk and load time; fp32 loads are exact
 
 
@@ -144,13 +145,13 @@ def _fingerprint(key: str, seed: int) -> dict:
             "init": INIT_RECIPE, "dtype": SAVED_DTYPE}
 
 
-def checkpoint_dir(name: str) -> Path:
+def checkpoint_dir(name: str, tokenizer_dir: Path | None = None) -> Path:
     """The checkpoint directory of `shape:NAME[@SEED]`, written on first use (atomically, like the default model's
-    conversion in `loading.py`) and rewritten when the registry entry or the init recipe changed."""
+    conversion in `loading.py`) and rewritten when the registry entry or the init recipe changed. The tokenizer
+    files come from `tokenizer_dir` (loading passes the default model's)."""
     from safetensors.torch import save_file
 
     from .config import ModelConfig
-    from .loading import default_checkpoint_dir
 
     key, seed = parse(name)
     target = cache_dir() / "shapes" / f"{key}-seed{seed}"
@@ -162,7 +163,9 @@ def checkpoint_dir(name: str) -> Path:
                 return target
         except ValueError:
             pass
-    tokenizer_dir = default_checkpoint_dir()
+    if tokenizer_dir is None:
+        raise InvalidParameterError("a shape checkpoint needs a tokenizer directory")
+    tokenizer_dir = Path(tokenizer_dir)
     default_config = json.loads((tokenizer_dir / "config.json").read_text())
     tokens = {k: default_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in default_config}
     config = hf_config(key, tokens)

@@ -224,7 +224,8 @@ def self_quantizer(scheme: str = "int8") -> tuple[Callable[[nn.Module], nn.Modul
 
     'int8' / 'int4' use this project's quantization (`llmopt.engine.quantization.quantize_model`, round-to-nearest, on
     the kernels `quantization.quantized_linear` picks); where that module is not installed the bf16 cast stands in
-    and the returned scheme says 'bf16 (stand-in: llmopt.engine.quantization missing)'. 'bf16' / 'fp16' cast the weights."""
+    and the returned scheme says 'bf16 (stand-in: llmopt.engine.quantization missing)'. 'bf16' / 'fp16' cast the
+    weights."""
     if scheme in ("bf16", "fp16"):
         dtype = torch.bfloat16 if scheme == "bf16" else torch.float16
         return (lambda m: m.to(dtype)), scheme
@@ -369,7 +370,7 @@ class SpeculativeDecoder(Decoder):
             generator.manual_seed(config.seed if config.seed is not None else torch.seed())
         stop_check = bool(config.stop_strings) and self.tokenizer is not None
         eos = frozenset() if config.ignore_eos else self.eos_token_ids
-        model, positions, k = self.model, self.positions, self.k
+        model, k = self.model, self.k
         max_length = prompt_length + config.max_new_tokens + k + 1
         self.cache = cache = make_cache(self.cache_kind, model.config, max_length, 1, self.dtype, self.device)
         record.stats = stats = SpeculativeStats(k)

@@ -31,7 +31,8 @@ def headline_markdown(results_dir: Path, readme: Path = README) -> str:
             target = plot.resolve().relative_to(Path(readme).parent.resolve())
         except ValueError:
             target = plot.resolve()
-        lines += ["", f"![Cumulative speedup of the stacked optimizations, measured (07_combined)]({target.as_posix()})"]
+        lines += ["", "![Cumulative speedup of the stacked optimizations, measured (07_combined)]"
+                      f"({target.as_posix()})"]
     return "\n".join(lines)
 
 

@@ -93,7 +93,8 @@ def test_format_engines_and_table_without_llama_cpp():
         assert len(engine([5, 6, 7, 8], 4).token_ids) == 4, name
     assert all(torch.equal(before[name], t) for name, t in model.state_dict().items())  # copies, base untouched
     frame = combined.format_table(pd.DataFrame([
-        {"engine": "llmopt bf16 weights", "decode_tokens_per_s": 20.0, "prompt_tokens": 100, "time_to_first_token_s": 0.5},
+        {"engine": "llmopt bf16 weights", "decode_tokens_per_s": 20.0, "prompt_tokens": 100,
+         "time_to_first_token_s": 0.5},
         {"engine": "llama.cpp F16", "decode_tokens_per_s": 40.0, "prompt_tokens": 100, "time_to_first_token_s": 0.25},
         {"engine": "llmopt INT8", "decode_tokens_per_s": 30.0, "prompt_tokens": 100, "time_to_first_token_s": 0.5}]))
     assert frame.ours.tolist() == ["bf16 weights", "INT8"]

@@ -49,7 +49,8 @@ def test_headline_records_where_the_notebook_ran(tmp_path, monkeypatch):
     from llmopt.bench import environment as env_module
     from llmopt.report import reports
 
-    monkeypatch.setattr(env_module, "device_name", lambda device="cpu": "Test GPU" if "cuda" in str(device) else "Test CPU")
+    monkeypatch.setattr(env_module, "device_name",
+                        lambda device="cpu": "Test GPU" if "cuda" in str(device) else "Test CPU")
     harness.save_headline("00_baseline", "Baseline", "1 tok/s", "ok", directory=tmp_path, device="cuda")
     record = json.loads((tmp_path / "headline_00_baseline.json").read_text())
     assert record["device"] == "cuda" and record["device_name"] == "Test GPU"

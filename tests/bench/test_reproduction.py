@@ -132,7 +132,8 @@ def test_a_row_is_an_equivalence_test_of_the_per_round_ratios():
     assert noisy["outcome"] == "inconclusive" and noisy["noise_margin"] > 0.15
     assert reproduction.compare(c, 3.1, np.array([3.1]))["verdict"].startswith(
         "inconclusive: fewer than 2 rounds on a side (notebook 4, re-measurement 1)")
-    old = Condition("kv_cache", {"repeats": 2}, 3.0, "", None, "01_kv_cache_sweep.csv: results keep no per-round values")
+    old = Condition("kv_cache", {"repeats": 2}, 3.0, "", None,
+                    "01_kv_cache_sweep.csv: results keep no per-round values")
     row = reproduction.compare(old, 3.0, np.array([3.0, 3.0]))
     assert row["outcome"] == "inconclusive" and "no per-round values" in row["verdict"]
     assert reproduction.compare(c, 3.0, "rounds have no round with both arms measured")["outcome"] == "inconclusive"

@@ -296,7 +296,8 @@ def test_benchmark_helpers_on_a_small_grid(tiny):
     partial, _ = bench.run_grid(tiny, {"burst": wl}, bench.configurations([2, 3]), repeats=2, timeout_ms=0,
                                 progress=False, repeat_only=[3])
     second = partial[partial.repeat == 1]
-    assert len(partial) == 7 + 4 and set(second.max_batch) == {1, 3} and set(second.scheduler) == set(batching.SCHEDULERS)
+    assert (len(partial) == 7 + 4 and set(second.max_batch) == {1, 3}
+            and set(second.scheduler) == set(batching.SCHEDULERS))
     repeated = bench.summarize(partial).set_index(["scheduler", "max_batch"]).repeats
     assert repeated[("sequential", 1)] == 2 and repeated[("static", 3)] == 2 and repeated[("static", 2)] == 1
     summary = bench.summarize(frame)

@@ -170,7 +170,8 @@ def test_layers_our_kernels_cannot_take_say_why():
         quantization.gemv_linear(quantization.rtn(torch.randn(8, 64), 8, None, False))
 
 
-@pytest.mark.parametrize("group_size, symmetric, act_order", [(32, False, True), (64, True, False), (128, False, False)])
+@pytest.mark.parametrize("group_size, symmetric, act_order",
+                         [(32, False, True), (64, True, False), (128, False, False)])
 def test_gptq_column_loop_in_c_equals_the_pytorch_loop(group_size, symmetric, act_order):
     """csrc/gptq.c runs the same float operations as gptq.py's per-column loop: on one thread (where the block
     updates between them use the same GEMM) codes, scales and zero points are bit-identical."""

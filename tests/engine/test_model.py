@@ -149,3 +149,22 @@ def test_num_params_matches_transformers():
     hf, ours = tiny_pair("qwen2", tie_word_embeddings=False)
     assert ours.config.num_params == sum(p.numel() for p in hf.parameters())
     assert ModelConfig.from_hf(tiny_hf_config("llama")).num_kv_heads == 2
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_awkward_checkpoints_on_disk_match_transformers(family, tmp_path):
+    """The random checkpoints the notebooks' smoke runs use (widths 64 does not divide, odd head counts, GQA 1
+    and 4, tied and untied heads, a sliding window), loaded by path as a user's checkpoint is."""
+    from transformers import AutoModelForCausalLM
+
+    from llmopt.engine.loading import default_checkpoint_dir, load_model
+    from llmopt.engine.testing import AWKWARD, save_random_checkpoint
+
+    path = save_random_checkpoint(tmp_path / family, family, default_checkpoint_dir())
+    lm = load_model(str(path))
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    assert lm.model.config.hidden_size == AWKWARD[family]["hidden_size"]
+    tokens = torch.tensor([lm.tokenizer("The history of the printing press begins in").input_ids])
+    with torch.no_grad():
+        ours = lm.model(tokens, torch.arange(tokens.shape[1]))
+        assert max_relative_error(ours, hf(tokens).logits) <= 1e-4

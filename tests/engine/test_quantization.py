@@ -78,7 +78,8 @@ def correlated_inputs(rows: int, features: int, seed: int = 0) -> torch.Tensor:
     """Inputs with strongly correlated features and a few large ones, like a transformer's activations."""
     generator = torch.Generator().manual_seed(seed)
     mixing = torch.randn(features, features, generator=generator) / features**0.5
-    x = torch.randn(rows, features, generator=generator) @ mixing + 0.1 * torch.randn(rows, features, generator=generator)
+    x = (torch.randn(rows, features, generator=generator) @ mixing
+         + 0.1 * torch.randn(rows, features, generator=generator))
     x[:, :4] *= 10
     return x
 
@@ -133,7 +134,8 @@ def test_quantized_tiny_model_generates_like_the_full_precision_one(bits, kernel
             assert relative_error(actual, reference(tokens, positions)) < 0.05
     generation = Decoder(model, cache="static").generate([1, 5, 9], GenerationConfig(max_new_tokens=8, ignore_eos=True))
     assert len(generation.token_ids) == 8
-    assert quantization.bytes_read_per_token(model) < quantization.bytes_read_per_token(reference) / (3 if bits == 8 else 5)
+    assert (quantization.bytes_read_per_token(model)
+            < quantization.bytes_read_per_token(reference) / (3 if bits == 8 else 5))
 
 
 def test_pack_int32_matches_the_gptq_bit_layout():

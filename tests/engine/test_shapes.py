@@ -6,7 +6,7 @@ import torch
 
 from llmopt.engine import shapes
 from llmopt.engine.config import ModelConfig
-from llmopt.engine.loading import load_model
+from llmopt.engine.loading import default_checkpoint_dir, load_model
 from llmopt.errors import InvalidParameterError
 
 # A Qwen2-style shape small enough for unit tests: q/k/v biases, GQA, tied embeddings, and a vocabulary larger
@@ -81,16 +81,16 @@ def test_load_shape(tiny_shape, tmp_path):
 
 
 def test_checkpoint_written_once_and_rewritten_on_change(tiny_shape, monkeypatch):
-    path = shapes.checkpoint_dir(tiny_shape)
+    path = shapes.checkpoint_dir(tiny_shape, default_checkpoint_dir())
     written = (path / "model.safetensors").stat().st_mtime_ns
-    assert shapes.checkpoint_dir(tiny_shape) == path
+    assert shapes.checkpoint_dir(tiny_shape, default_checkpoint_dir()) == path
     assert (path / "model.safetensors").stat().st_mtime_ns == written
     source = json.loads((path / "llmopt_source.json").read_text())
     assert source["fingerprint"]["shape"] == "tiny" and "random weights" in source["note"]
     assert not list(path.parent.glob(".staging-*"))
     changed = shapes.Shape(TINY.title, {**TINY.config, "intermediate_size": 96})
     monkeypatch.setitem(shapes.SHAPES, "tiny", changed)
-    shapes.checkpoint_dir(tiny_shape)
+    shapes.checkpoint_dir(tiny_shape, default_checkpoint_dir())
     assert json.loads((path / "config.json").read_text())["intermediate_size"] == 96
 
 

@@ -40,7 +40,8 @@ def test_no_notebook_code_reads_a_smoke_flag(notebook):
             source = "".join(cell["source"])
             names = {n.id for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Name)}
             assert "smoke" not in names, source
-            assert not cell.get("outputs") and cell.get("execution_count") is None, "notebooks are stored without outputs"
+            assert not cell.get("outputs") and cell.get("execution_count") is None, (
+                "notebooks are stored without outputs")
 
 
 @pytest.mark.parametrize("notebook", NOTEBOOKS)
@@ -160,7 +161,8 @@ def test_the_int4_format_takes_a_group_that_divides_the_widths():
     _, model = tiny_pair("llama", seed=2, hidden_size=96, intermediate_size=160)
     quantized = combined.our_format(model, "INT4 g64")  # g64 raised InvalidParameterError here
     assert not any(type(m).__name__ == "Linear" for m in quantized.modules())
-    assert {m.group_size for m in quantized.modules() if getattr(m, "bits", None) == 4 and hasattr(m, "group_size")} <= {32}
+    assert {m.group_size for m in quantized.modules()
+            if getattr(m, "bits", None) == 4 and hasattr(m, "group_size")} <= {32}
 
 
 @pytest.mark.notebook

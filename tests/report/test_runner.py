@@ -63,7 +63,8 @@ def test_a_run_folder_keeps_what_finished_and_names_the_failing_cell(tmp_path, n
     printed = out.getvalue()
     assert "[1/2] 00_ok: started" in printed and "[1/2] 00_ok: ok in" in printed and "7 tok/s" in printed
     assert "[2/2] 01_fail: FAILED" in printed
-    assert "raise ValueError(\"boom at \" + str(tokens))" in suite[1].error and "ValueError: boom at 7" in suite[1].error
+    assert ("raise ValueError(\"boom at \" + str(tokens))" in suite[1].error
+            and "ValueError: boom at 7" in suite[1].error)
     d = suite.run_dir
     assert d.parent == tmp_path / "runs"
     assert {p.name for p in d.iterdir()} == {"00_ok.ipynb", "00_ok.html", "01_fail.failed.ipynb", "index.html",
