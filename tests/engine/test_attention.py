@@ -240,9 +240,12 @@ def test_sdpa_dispatch_and_equivalence_tables():
 def test_estimate_table_puts_verdicts_beside_measured_speedups():
     import pandas as pd
 
+    nan = float("nan")  # naive rows carry no interval against themselves
     op = pd.DataFrame({"backend": ["naive", "sdpa", "naive", "sdpa"], "context_tokens": [512, 512, 2048, 2048],
                        "time_median_s": [1.0, 0.5, 10.0, 1.0], "peak_bytes": [100, 10, 1000, 10],
-                       "skipped": False})
+                       "skipped": False, "speedup_vs_naive_geomean": [nan, 2.0, nan, 10.0],
+                       "speedup_vs_naive_low": [nan, 1.9, nan, 9.0], "speedup_vs_naive_high": [nan, 2.1, nan, 11.0],
+                       "speedup_vs_naive_rounds": [nan, 5, nan, 5]})
     model = pd.DataFrame({"backend": ["naive", "sdpa"], "context_tokens": [512, 512], "prefill_s": [2.0, 1.6],
                           "skipped": False})
     estimates = pd.DataFrame({"condition": ["512 tokens", "2048 tokens"], "low": [1.5, 2.5], "high": [1.5, 2.5],
@@ -250,4 +253,6 @@ def test_estimate_table_puts_verdicts_beside_measured_speedups():
     table = attention_bench.estimate_table(op, model, estimates, backends=("sdpa",))
     assert list(table.scope) == ["attention op", "whole-model prefill", "attention op"]
     assert table["measured speedup vs naive"].tolist() == pytest.approx([2.0, 1.25, 10.0])
-    assert table.verdict.iloc[0].startswith("refuted (better)") and table.verdict.iloc[1].startswith("refuted (worse)")
+    # the op rows carry 5-round intervals wholly above the estimate; the prefill row has one round: no verdict
+    assert table.verdict.iloc[0].startswith("refuted (better)") and table.verdict.iloc[2].startswith("refuted (better)")
+    assert table.verdict.iloc[1].startswith("inconclusive")
