@@ -45,6 +45,6 @@ peers: setup
 	$(PIP) install --no-compile cmake ninja
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) install llama-cpp-python==0.3.36
 
-## unit tests only (about a minute)
+## unit tests only (the tier without the real model and the notebooks)
 test-fast: setup
 	$(PY) -m pytest -n 2 -m "not e2e and not notebook"
