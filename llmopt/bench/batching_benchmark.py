@@ -21,7 +21,7 @@ from ..engine.batching import SCHEDULERS, Request, RequestRecord, RunResult, run
 from ..errors import InvalidParameterError
 from . import datasets
 from .harness import paired_interval, spread
-from .rounds import run_rounds
+from .rounds import Rounds, run_rounds
 from .stats import Interval, estimate_verdict, interval_from_columns, ratio_interval
 from .workload import Workload
 
@@ -106,8 +106,6 @@ def grid_rounds(grid: pd.DataFrame):
     """`run_grid`'s per-run rows as a `rounds.Rounds` (round = repeat, arm = `arm_name`, metrics such as
     tokens_per_s): what a saved summary carries in `attrs["rounds"]` so its per-round ratios can be paired again
     (07's reproduction check)."""
-    from .rounds import Rounds
-
     arms = [arm_name(w, s, int(m)) for w, s, m in zip(grid.workload, grid.scheduler, grid.max_batch)]
     calls = grid.assign(round=grid.repeat.astype(int), arm=arms)
     return Rounds(calls, {}, list(dict.fromkeys(arms)))

@@ -15,9 +15,11 @@ from typing import Callable
 import pandas as pd
 import torch
 
-from ..engine import agreement
+from ..engine import agreement, cpu_kernels
 from ..engine.generate import Decoder, Generation, GenerationConfig
+from ..engine.loading import resolve_dtype
 from ..hardware import contended
+from .datasets import evaluation_text
 from .harness import light_rounds, paired_interval, spread
 from .rounds import run_rounds
 
@@ -26,8 +28,6 @@ Engine = Callable[[list[int], int], Generation]
 
 def prompt_of_length(tokenizer, length: int, text: str | None = None) -> list[int]:
     """Exactly `length` token ids cut from the held-out evaluation text (deterministic)."""
-    from .datasets import evaluation_text
-
     ids = tokenizer(text or evaluation_text("heldout")).input_ids
     while len(ids) < length:
         ids = ids + ids
@@ -44,8 +44,6 @@ def ours(decoder: Decoder) -> Engine:
 def on_pytorch_matmul(engine: Engine) -> Engine:
     """The same engine with our CPU kernels switched off (`cpu_kernels.switched_off`): PyTorch's matmul runs
     every linear layer, which separates what the kernels give from what the rest of the decoder gives."""
-    from ..engine import cpu_kernels
-
     def run(prompt_ids, new_tokens):
         with cpu_kernels.switched_off():
             return engine(prompt_ids, new_tokens)
@@ -216,8 +214,6 @@ def check_lossless(identical: bool, dtype, what: str) -> bool:
     tokens exactly (an AssertionError stops the report otherwise). In bf16/fp16 the same math run as other
     kernel shapes (a batch, a cached step, a fused kernel) rounds differently and may flip a near-tie, so there
     the result is printed and returned, not asserted."""
-    from ..engine.loading import resolve_dtype
-
     if identical:
         return True
     if resolve_dtype(dtype) == torch.float32:

@@ -24,10 +24,17 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from ..engine import quantization
+from ..engine import fused_decode, quantization
+from ..engine import quantized_variants as qv
 from ..engine.generate import Decoder, Generation, GenerationConfig
+from ..engine.prefix_cache import PrefixCache
+from ..engine.speculative import PromptLookupDrafter, SpeculativeDecoder
 from ..errors import InvalidParameterError
+from ..paths import cache_dir
+from . import benchmark, peers
+from .datasets import evaluation_text
 from .harness import call_columns, light_rounds, paired_interval, spread
+from .prefix_workload import scenario
 from .rounds import run_rounds
 
 WARMUP_TOKENS = 4  # tokens per warm-up run of `measure`
@@ -75,9 +82,6 @@ def workload_prompts(tokenizer, requests: int = 3, passage_tokens: int = 96, sys
                      demonstration_tokens: int = 200) -> list[list[int]]:
     """`requests` prompts sharing the document scenario's prefix (50 + 200 tokens by default); each user part
     quotes a different passage of the held-out text and asks for it to be repeated."""
-    from .datasets import evaluation_text
-    from .prefix_workload import scenario
-
     text_ids = tokenizer(evaluation_text("heldout")).input_ids
     prompts = []
     for i in range(requests):
@@ -92,7 +96,6 @@ def workload_prompts(tokenizer, requests: int = 3, passage_tokens: int = 96, sys
 
 class StackRunner:
     """Builds each configuration's decoder from one base model (a quantized copy made once) and runs the workload."""
-
     def __init__(self, model, tokenizer, quantize=None, k: int = 8, prefix_cache_bytes: int = 256 * 2**20):
         self.model, self.tokenizer, self.k, self.prefix_cache_bytes = model, tokenizer, k, prefix_cache_bytes
         self.quantize = quantize  # function model -> model (in place), used on a deep copy
@@ -114,11 +117,9 @@ class StackRunner:
         engine = "fused" if stack.fused_decode else "pytorch"
         prefix = None
         if stack.prompt_caching:
-            from ..engine.prefix_cache import PrefixCache
 
             prefix = PrefixCache(self.prefix_cache_bytes)  # fresh per workload run: the first request misses
         if stack.speculative_decoding:
-            from ..engine.speculative import PromptLookupDrafter, SpeculativeDecoder
 
             return SpeculativeDecoder(model, self.tokenizer, drafter=PromptLookupDrafter(), k=self.k,
                                       cache="static", prefix_cache=prefix, engine=engine)
@@ -249,8 +250,6 @@ def our_format(model, kind: str):
     """A copy of `model` in one of our formats of `FORMAT_PAIRS` (made as notebook 03's rows are), on the fused
     attention kernel. 16-bit weights compute with fp32 activations, as llama.cpp runs F16. INT4 keeps the (tied)
     lm_head at 8 bits, as llama.cpp's 4-bit files keep their output matrix above 4 bits."""
-    from ..engine import quantized_variants as qv
-
     if kind == "bf16 weights":
         variant = qv.dense_weights(model, kind, torch.bfloat16)
     elif kind == "INT8":
@@ -270,10 +269,6 @@ def format_engines(model, tokenizer, gguf_path=None, threads: int = 2, directory
     `llmopt.engine.fused_decode`) and, when `gguf_path` is given, llama.cpp
     on the same weights re-encoded by its own quantizer (the Q4_1 row is the shipped file itself), the re-encoded
     files cached in `directory` (default: the model cache's gguf/)."""
-    from ..engine import fused_decode
-    from ..paths import cache_dir
-    from . import benchmark, peers
-
     directory = directory or cache_dir() / "gguf"
     engines = {}
     for ours, theirs in FORMAT_PAIRS:

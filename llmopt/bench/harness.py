@@ -22,6 +22,8 @@ import torch
 from ..hardware import CONTENDED_FRACTION, contended, synchronize  # noqa: F401 (re-exported: attention_bench)
 from ..paths import REPO_ROOT
 from .environment import environment
+from .rounds import Rounds, run_rounds
+from .stats import paired_ratio
 
 DEFAULT_RESULTS_DIR = REPO_ROOT / "data" / "results"
 
@@ -78,8 +80,6 @@ def measure(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1, device="cp
     """Call `fn` `warmup` times untimed, then `repeats` times timed; keeps each call's return value.
 
     The one measurement loop (`rounds.run_rounds`) with a single arm: each call timed with its CPU time."""
-    from .rounds import run_rounds
-
     timed = run_rounds({"fn": fn}, rounds=repeats, warmup=warmup, device=device, progress=progress)
     frame = timed.frame
     threads = int(frame["threads"].iloc[0]) if len(frame) else torch.get_num_threads()
@@ -91,8 +91,6 @@ def paired_interval(name: str, numerator: Sequence[float], denominator: Sequence
     """Columns `{name}_geomean`, `{name}_low`, `{name}_high`, `{name}_rounds` for the ratio `name` of paired
     rounds: `stats.paired_ratio` (geometric mean of the per-round ratios, t-interval on their logs). Rounds where
     either side is not a finite positive number (a NaN decode rate) are left out; none left gives NaN and 0."""
-    from .stats import paired_ratio
-
     num, den = np.asarray(numerator, dtype=float), np.asarray(denominator, dtype=float)
     if num.shape != den.shape:
         raise ValueError(f"{name}: {num.size} numerator rounds against {den.size} denominator rounds")
@@ -119,8 +117,6 @@ def light_rounds(timed):
     """The same Rounds without the arms' return values: the per-round values a result frame carries in
     `frame.attrs["rounds"]` (pandas copies attrs with every derived frame; a frame keeps them through filters and
     drops them in a concat of frames from different runs, whose rounds cannot be paired)."""
-    from .rounds import Rounds
-
     return Rounds(timed.frame, {}, timed.arms)
 
 
@@ -156,7 +152,6 @@ def peak_memory_bytes(fn: Callable[[], Any], device="cpu") -> tuple[Any, int]:
 class quiet_output:
     """Silence what C/C++ code writes to file descriptors (default: fd 2), which Python's sys.stderr does not see:
     the profiler's start/stop lines, llama.cpp's loading and quantizing logs."""
-
     def __init__(self, fds=(2,)):
         self.fds = tuple(fds)
 
@@ -225,7 +220,6 @@ def load_results(experiment: str, directory: Path | str | None = None) -> pd.Dat
     frame = pd.read_csv(directory / f"{experiment}.csv")
     rounds_file = directory / f"{experiment}{ROUNDS_SUFFIX}.csv"
     if rounds_file.exists():
-        from .rounds import Rounds
 
         calls = pd.read_csv(rounds_file)
         frame.attrs["rounds"] = Rounds(calls, {}, list(dict.fromkeys(calls["arm"])))

@@ -29,9 +29,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..engine import batching, speculative
+from ..engine import quantized_variants as qv
+from ..engine.batching import Request
+from ..engine.generate import Decoder
 from ..errors import InvalidParameterError
-from . import harness
+from . import batching_benchmark, benchmark, datasets, harness, speculative_bench
+from .attention_bench import model_benchmark
+from .prefix_workload import _paired_by_repeat, cold_vs_warm, summarize
 from .stats import EQUIVALENCE_OUTCOMES, equivalence, margin_from_noise
+from .workload import Workload, WorkloadParams, prompt_pool
 
 RESULTS = {  # optimization -> the results file of its own notebook that holds the compared arms
     "kv_cache": "01_kv_cache_sweep", "quantization": "03_quantization_engines",
@@ -78,8 +85,6 @@ def _quantization_arms(frame: pd.DataFrame, s: dict):
 
 
 def _prompt_caching_arms(frame: pd.DataFrame, s: dict):
-    from .prefix_workload import summarize
-
     table = summarize(frame[frame.prefix_tokens == s["prefix_tokens"]]).set_index("engine")
     return table.loc["warm (hit)"], table.loc["no prefix cache"]
 
@@ -116,8 +121,6 @@ def effect(optimization: str, frame: pd.DataFrame, settings: dict) -> float:
 
 def _round_arms(optimization: str, settings: dict) -> tuple[str, str]:
     """The 'with' and 'without' arms of one effect in its measurement's rounds (`attrs["rounds"]`)."""
-    from . import batching_benchmark, benchmark, speculative_bench
-
     s = settings
     if optimization == "kv_cache":
         return (benchmark.arm_name("static cache", s["prompt_tokens"]),
@@ -184,9 +187,6 @@ def effect_interval(optimization: str, frame: pd.DataFrame, settings: dict) -> d
     measurement carries: `benchmark.compare`'s `attrs["rounds"]` (01, 03), the per-repeat rows of 04, the
     interval columns of 06's and 02's rows. NaN (rounds 0) where there are none: 05's whole-model benchmark
     concatenates its lengths' runs, and saved CSV files keep no attrs."""
-    from . import benchmark
-    from .prefix_workload import _paired_by_repeat
-
     metric = METRICS[optimization][1]
     none = {"geomean": math.nan, "low": math.nan, "high": math.nan, "rounds": 0}
     try:
@@ -375,10 +375,6 @@ def batching_workload(tokenizer, requests: pd.DataFrame):
     `heldout:START:LENGTH`) cut to its saved length from the left as the pool cuts long prompts, with its saved
     cap and arrival. The seed and caps 02 drew are in the rows; the pool's text lengths and prompt cap are not,
     and the sources make them unnecessary."""
-    from ..engine.batching import Request
-    from . import datasets
-    from .workload import Workload, WorkloadParams, prompt_pool
-
     pool = dict(prompt_pool(tokenizer, text_lengths=(), max_prompt_tokens=None))
     text_ids: list[int] = []
     built = []
@@ -403,8 +399,6 @@ def batching_workload(tokenizer, requests: pd.DataFrame):
 
 
 def _measure_kv_cache(model, tokenizer, s: dict) -> pd.DataFrame:
-    from ..engine.generate import Decoder
-    from . import benchmark
 
     engines = {"no cache": benchmark.ours(Decoder(model, tokenizer, cache="none")),
                "static cache": benchmark.ours(Decoder(model, tokenizer, cache="static"))}
@@ -413,9 +407,6 @@ def _measure_kv_cache(model, tokenizer, s: dict) -> pd.DataFrame:
 
 
 def _measure_quantization(model, tokenizer, s: dict) -> pd.DataFrame:
-    from ..engine import quantized_variants as qv
-    from ..engine.generate import Decoder
-    from . import benchmark
 
     models = {"fp32": model}  # compared only when 03's dtype is this run's (fp32)
     for r in s["pytorch_rows"]:  # every row 03 timed beside fp32 (the compared variant among them), in 03's order
@@ -431,21 +422,17 @@ def _measure_quantization(model, tokenizer, s: dict) -> pd.DataFrame:
 
 
 def _measure_prompt_caching(model, tokenizer, s: dict) -> pd.DataFrame:
-    from .prefix_workload import cold_vs_warm
 
     return cold_vs_warm(model, tokenizer, [s["prefix_tokens"]], s["new_tokens"], s["repeats"], s["warmup"])
 
 
 def _measure_flash_attention(model, tokenizer, s: dict) -> pd.DataFrame:
-    from .attention_bench import model_benchmark
 
     return model_benchmark(model, tokenizer, ["naive", "sdpa"], [s["context_tokens"]], s["new_tokens"],
                            s["repeats"], s["warmup"], progress=False)
 
 
 def _measure_speculative(model, tokenizer, s: dict) -> pd.DataFrame:
-    from ..engine import speculative
-    from . import speculative_bench
 
     prompts = speculative_bench.workload_prompts(tokenizer, [s["workload"]])
     drafters = {"prompt_lookup": (speculative.make_drafter("prompt_lookup", model), [s["k"]])}
@@ -453,18 +440,16 @@ def _measure_speculative(model, tokenizer, s: dict) -> pd.DataFrame:
 
 
 def _measure_batching(model, tokenizer, s: dict) -> pd.DataFrame:
-    from ..engine import batching
-    from . import batching_benchmark as bench
 
     burst = batching_workload(tokenizer, s["requests"])
     warm = [replace(r, max_new_tokens=min(2, r.max_new_tokens)) for r in burst.requests[:2]]
     for scheduler in ("sequential", "continuous"):  # 02 warms every scheduler up on two short requests
         batching.run(scheduler, model, warm, max_batch=2, timeout_ms=0, tokenizer=tokenizer)
     configs = [("sequential", 1), ("continuous", s["concurrency"])]
-    grid, _ = bench.run_grid(model, {"burst": burst}, configs, s["repeats"], s["timeout_ms"], tokenizer,
+    grid, _ = batching_benchmark.run_grid(model, {"burst": burst}, configs, s["repeats"], s["timeout_ms"], tokenizer,
                              progress=False)
-    summary = bench.summarize(grid)
-    summary.attrs["rounds"] = bench.grid_rounds(grid)  # the per-round throughputs, paired by repeat
+    summary = batching_benchmark.summarize(grid)
+    summary.attrs["rounds"] = batching_benchmark.grid_rounds(grid)  # the per-round throughputs, paired by repeat
     return summary
 
 
