@@ -22,8 +22,9 @@ from tqdm.auto import tqdm
 
 from ..engine import attention
 from ..engine.generate import Decoder
+from ..hardware import synchronize
 from . import benchmark
-from .harness import Timing, paired_interval, peak_memory_bytes, synchronize
+from .harness import Timing, paired_interval, peak_memory_bytes
 from .rounds import merge_rounds
 from .stats import Interval, estimate_verdict, interval_from_columns
 

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..hardware import CONTENDED_FRACTION, contended, synchronize  # noqa: F401 (re-exported: attention_bench)
+from ..hardware import contended
 from ..paths import REPO_ROOT
 from .environment import environment
 from .rounds import Rounds, run_rounds
