@@ -11,7 +11,7 @@ import operator
 import reprlib
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Generator, Iterator, Sequence
 
 import torch
 
@@ -109,6 +109,15 @@ class StreamEvent:
     token_id: int
     text: str  # the text this token added (may be empty mid-character)
     elapsed_s: float
+
+
+@dataclass(frozen=True)
+class _Run:
+    """One generation's sampling generator, stop rules and start time (`Decoder._begin`)."""
+    generator: torch.Generator | None
+    eos: frozenset
+    stop_strings: tuple[str, ...]
+    start: float
 
 
 class Decoder:
@@ -241,39 +250,52 @@ class Decoder:
         record.prefix_cached_tokens = reused
         return logits
 
+    def _begin(self, record: Generation, config: GenerationConfig, cache_length: int) -> _Run:
+        """What every generation loop sets up before its prefill: the checks, the sampling generator, the stop
+        rules and a fresh KV cache of `cache_length` positions (kept as `self.cache`)."""
+        self._check_fits(len(record.prompt_ids), config)
+        generator = None
+        if not config.sampling.greedy:
+            generator = torch.Generator(self.device)
+            generator.manual_seed(config.seed if config.seed is not None else torch.seed())
+        stop_strings = config.stop_strings if self.tokenizer is not None else ()
+        eos = frozenset() if config.ignore_eos else self.eos_token_ids
+        self.cache = make_cache(self.cache_kind, self.model.config, cache_length, 1, self.dtype, self.device)
+        return _Run(generator, eos, stop_strings, time.perf_counter())
+
+    def _emit(self, record: Generation, token_ids: Sequence[int], run: _Run, config: GenerationConfig
+              ) -> Generator[int, None, bool]:
+        """Append each token to `record` (with its time) and yield it, one at a time, checking the stop rules after
+        each exactly as a one-token loop does; returns True when the generation is over (EOS, a stop string or
+        max_new_tokens), with `record.finish_reason` set."""
+        now = time.perf_counter() - run.start
+        for token_id in token_ids:
+            record.token_ids.append(token_id)
+            record.token_times_s.append(now)
+            yield token_id
+            if token_id in run.eos:
+                record.finish_reason = "eos"
+                return True
+            if run.stop_strings and any(s in self.tokenizer.decode(record.token_ids) for s in run.stop_strings):
+                record.finish_reason = "stop"
+                return True
+            if len(record.token_ids) == config.max_new_tokens:
+                return True
+        return False
+
     def _steps(self, record: Generation, config: GenerationConfig) -> Iterator[int]:
         """The loop itself: yields each new token id and fills `record` with ids and timestamps."""
         prompt_length = len(record.prompt_ids)
-        self._check_fits(prompt_length, config)
-        params = config.sampling
-        generator = None
-        if not params.greedy:
-            generator = torch.Generator(self.device)
-            generator.manual_seed(config.seed if config.seed is not None else torch.seed())
-        stop_check = bool(config.stop_strings) and self.tokenizer is not None
-        eos = frozenset() if config.ignore_eos else self.eos_token_ids
-        model, decode_forward, positions = self.model, self.decode_forward, self.positions
-        self.cache = cache = make_cache(self.cache_kind, model.config, prompt_length + config.max_new_tokens,
-                                        1, self.dtype, self.device)
+        run = self._begin(record, config, prompt_length + config.max_new_tokens)
+        model, decode_forward, positions, cache = self.model, self.decode_forward, self.positions, self.cache
         sequence = torch.tensor([record.prompt_ids], device=self.device)
-        start = time.perf_counter()
         with torch.inference_mode():
             logits = self._prefill(record, sequence, cache)
-            for step in range(config.max_new_tokens):
-                next_token = sample(logits[:, -1], params, generator)
-                token_id = int(next_token)
-                record.token_ids.append(token_id)
-                record.token_times_s.append(time.perf_counter() - start)
-                yield token_id
-                if token_id in eos:
-                    record.finish_reason = "eos"
+            while True:
+                next_token = sample(logits[:, -1], config.sampling, run.generator)
+                if (yield from self._emit(record, [int(next_token)], run, config)):
                     return
-                if stop_check and any(s in self.tokenizer.decode(record.token_ids) for s in config.stop_strings):
-                    record.finish_reason = "stop"
-                    return
-                if step == config.max_new_tokens - 1:
-                    return
-                length = prompt_length + step + 1
+                length = prompt_length + len(record.token_ids)
                 if cache is None:  # baseline: re-run the whole sequence
                     sequence = torch.cat([sequence, next_token.view(1, 1)], dim=1)
                     logits = model(sequence, positions[:length], None, last_only=True)

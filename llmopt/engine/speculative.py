@@ -361,43 +361,24 @@ class SpeculativeDecoder(Decoder):
         return record
 
     def _steps(self, record: Generation, config: GenerationConfig) -> Iterator[int]:
-        prompt_length = len(record.prompt_ids)
-        self._check_fits(prompt_length, config)
-        params = config.sampling
-        generator = None
-        if not params.greedy:
-            generator = torch.Generator(self.device)
-            generator.manual_seed(config.seed if config.seed is not None else torch.seed())
-        stop_check = bool(config.stop_strings) and self.tokenizer is not None
-        eos = frozenset() if config.ignore_eos else self.eos_token_ids
-        model, k = self.model, self.k
+        """The plain loop's setup and stop rules (`Decoder._begin`, `_emit`); each pass drafts up to k tokens
+        and keeps what the target's one verification pass accepts, plus the token that pass adds."""
+        prompt_length, params, k = len(record.prompt_ids), config.sampling, self.k
         max_length = prompt_length + config.max_new_tokens + k + 1
-        self.cache = cache = make_cache(self.cache_kind, model.config, max_length, 1, self.dtype, self.device)
+        run = self._begin(record, config, max_length)
         record.stats = stats = SpeculativeStats(k)
         tokens = list(record.prompt_ids)
-        start = time.perf_counter()
         with torch.inference_mode():
-            logits = self._prefill(record, torch.tensor([tokens], device=self.device), cache)[:, -1]
+            logits = self._prefill(record, torch.tensor([tokens], device=self.device), self.cache)[:, -1]
             self.drafter.begin(tokens, max_length)
             new = [int(logits.argmax(-1)) if params.greedy else
-                   int(torch.multinomial(probabilities(logits, params), 1, generator=generator))]
+                   int(torch.multinomial(probabilities(logits, params), 1, generator=run.generator))]
             while True:
-                now = time.perf_counter() - start
-                for token_id in new:  # emit one at a time, exactly as the plain decoder would stop
-                    tokens.append(token_id)
-                    record.token_ids.append(token_id)
-                    record.token_times_s.append(now)
-                    yield token_id
-                    if token_id in eos:
-                        record.finish_reason = "eos"
-                        return
-                    if stop_check and any(s in self.tokenizer.decode(record.token_ids) for s in config.stop_strings):
-                        record.finish_reason = "stop"
-                        return
-                    if len(record.token_ids) == config.max_new_tokens:
-                        return
+                if (yield from self._emit(record, new, run, config)):
+                    return
+                tokens.extend(new)
                 budget = config.max_new_tokens - len(record.token_ids) - 1  # the pass adds one token itself
-                new = self._speculate(tokens, min(k, budget), params, generator, stats)
+                new = self._speculate(tokens, min(k, budget), params, run.generator, stats)
 
     def _speculate(self, tokens: list[int], k: int, params: SamplingParams, generator, stats) -> list[int]:
         """One draft + verify round after `tokens` (the target's cache holds all but the last): new token ids."""
