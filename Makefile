@@ -45,6 +45,6 @@ peers: setup
 	$(PIP) install --no-compile cmake ninja
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) install llama-cpp-python==0.3.36
 
-## unit tests only (the tier without the real model and the notebooks)
+## the quick tier (under a minute): unit tests without the real model, the notebooks or the slow random-model tests
 test-fast: setup
-	$(PY) -m pytest -n 2 -m "not e2e and not notebook"
+	$(PY) -m pytest -n 2 -m "not e2e and not notebook and not slow"

@@ -41,6 +41,7 @@ def test_the_fp32_bound_is_the_summation_error_of_the_longest_reduction():
     assert agreement.TOLERANCE == 16384 * 2.0**-24
 
 
+@pytest.mark.slow
 def test_our_decoder_agrees_with_transformers_on_each_family():
     for family in ("llama", "qwen2", "mistral"):
         hf, ours = tiny_pair(family)

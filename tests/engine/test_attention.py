@@ -90,6 +90,7 @@ def test_tiled_in_bf16_stays_close_to_fp32_naive():
     assert max_error(out.float(), attention.naive(q, k, v)) < 3e-2
 
 
+@pytest.mark.slow
 def test_tiled_never_materializes_the_score_matrix():
     q, k, v = random_qkv(1, 9, 3, 2048, 2048, 64)
     _, tiled_bytes = peak_memory_bytes(lambda: attention.tiled(q, k, v))

@@ -113,6 +113,7 @@ def test_static_waits_a_new_window_for_a_backlog_but_dynamic_does_not(tiny):
     assert dynamic.records[2].start_s >= 0.2 and dynamic.records[2].start_s < static.records[2].start_s
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)  # a hang guard, not a speed test
 def test_continuous_load_of_1000_poisson_requests(tiny):
     pool = workload.random_pool(tiny.config.vocab_size, n_prompts=40, min_tokens=1, max_tokens=12, seed=7)
@@ -276,6 +277,7 @@ def test_default_model_schedulers_match_the_plain_decoder(default_model):
         assert result.tokens == expected, scheduler
 
 
+@pytest.mark.slow
 def test_benchmark_helpers_on_a_small_grid(tiny):
     from llmopt.bench import batching_benchmark as bench
 
@@ -321,6 +323,7 @@ def test_benchmark_helpers_on_a_small_grid(tiny):
         bench.document_table(summary, "burst", concurrency=2, other_workloads=["absent"])
 
 
+@pytest.mark.slow
 def test_transformers_continuous_batching_engine_maps_requests_back():
     from llmopt.bench import batching_benchmark as bench
     from llmopt.engine.testing import tiny_pair

@@ -151,6 +151,7 @@ def test_num_params_matches_transformers():
     assert ModelConfig.from_hf(tiny_hf_config("llama")).num_kv_heads == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
 def test_awkward_checkpoints_on_disk_match_transformers(family, tmp_path):
     """The random checkpoints the notebooks' smoke runs use (widths 64 does not divide, odd head counts, GQA 1

@@ -200,6 +200,7 @@ def test_ttl_expires_unused_entries():
     assert cache.lookup(seq, "m") is None and cache.used_bytes == 0 and cache.expired_tokens == 4
 
 
+@pytest.mark.slow
 def test_churn_never_exceeds_the_limit_never_serves_expired_entries_and_counts_add_up():
     rng = random.Random(0)
     clock = Clock()

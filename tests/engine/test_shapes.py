@@ -57,6 +57,7 @@ def test_weights_are_seeded(tiny_shape):
     assert 0.019 < std < 0.021
 
 
+@pytest.mark.slow
 def test_load_shape(tiny_shape, tmp_path):
     lm = load_model(tiny_shape, "fp32")
     assert lm.name == "Tiny-Qwen2 shape (random weights)"
