@@ -25,7 +25,7 @@ from ..engine.generate import Decoder
 from ..hardware import synchronize
 from . import benchmark
 from .harness import Timing, paired_interval, peak_memory_bytes
-from .rounds import merge_rounds
+from .rounds import merge_rounds, run_rounds
 from .stats import Interval, estimate_verdict, interval_from_columns
 
 DEFAULT_MAX_PROJECTED_BYTES = 8 * 2**30
@@ -84,11 +84,12 @@ def op_benchmark(backends: list[str] | None = None, lengths=(512, 2048, 8192, 16
                  max_projected_bytes: int = DEFAULT_MAX_PROJECTED_BYTES, progress: bool = True) -> pd.DataFrame:
     """Time and peak memory of one causal prefill attention call per backend and length; one row each.
 
-    Per length and backend: one untimed call under the memory profiler (it is also the warm-up), then up to
-    `repeats` timed calls, interleaved across backends. `max_seconds_per_case` caps the timed calls of a slow
-    case (repeats are cut, never below 1; the row says how many ran). sdpa rows name the kernel PyTorch chose.
-    Where naive ran, each row gets the paired-round interval of naive time / its time: `speedup_vs_naive_geomean`,
-    `_low`, `_high`, `_rounds` (`harness.paired_interval`, over the repeats both ran).
+    Per length and backend: one untimed call under the memory profiler (it is also the warm-up), then the
+    backends in paired rounds (`rounds.run_rounds`, every backend once per round, shuffled). `repeats` rounds,
+    fewer at a length whose slowest backend would take more than `max_seconds_per_case` for them (never below 1;
+    the row says how many ran): every backend of one length runs the same rounds, so they pair. sdpa rows name
+    the kernel PyTorch chose. Where naive ran, each row gets the paired-round interval of naive time / its time:
+    `speedup_vs_naive_geomean`, `_low`, `_high`, `_rounds` (`harness.paired_interval`).
     """
     backends = list(backends or attention.available_backends())
     rows = []
@@ -113,27 +114,23 @@ def op_benchmark(backends: list[str] | None = None, lengths=(512, 2048, 8192, 16
             fn = _call(name, q, k, v)
             if name == "sdpa":
                 row["kernel"] = attention.sdpa_kernel_used(q, k, v)
-            start = time.perf_counter()
-            outputs[name], memory[name] = peak_memory_bytes(fn, device)
-            first_s[name] = time.perf_counter() - start
+            # the profiled call is also the warm-up; its profiler-inflated time only sizes the rounds below
+            (outputs[name], memory[name]), first_s[name] = _profiled_call(fn, device)
             runnable.append((name, fn, row))
             bar.update()
-        timings = {name: Timing([], [], torch.get_num_threads()) for name, _, _ in runnable}
-        counts = {name: _adaptive_repeats(repeats, first_s[name], max_seconds_per_case) for name, _, _ in runnable}
-        for i in range(repeats):  # round-robin: backend A, B, C, A, B, C, ...
-            for name, fn, _ in runnable:
-                if i < counts[name]:
-                    wall_s, cpu_s = _time_once(fn, device)
-                    timings[name].wall_s.append(wall_s)
-                    timings[name].cpu_s.append(cpu_s)
+        if not runnable:
+            continue
+        rounds = min(_adaptive_repeats(repeats, first_s[name], max_seconds_per_case) for name, _, _ in runnable)
+        timed = run_rounds({name: fn for name, fn, _ in runnable}, rounds, warmup=0, device=device,
+                           keep_results=False)
         reference = outputs.get("naive")
         for name, _, row in runnable:
             error = float("nan") if reference is None else (outputs[name].float() - reference.float()).abs().max()
-            row.update(timings[name].summary(), peak_bytes=memory[name], max_abs_error_vs_naive=float(error))
-            if "naive" in timings:  # naive time / this time, paired by round-robin repeat (the rounds both ran)
-                paired = min(len(timings["naive"].wall_s), len(timings[name].wall_s))
-                row.update(paired_interval("speedup_vs_naive", timings["naive"].wall_s[:paired],
-                                           timings[name].wall_s[:paired]))
+            timing = Timing(list(timed.values(name, "wall_s")), list(timed.values(name, "cpu_s")),
+                            torch.get_num_threads())
+            row.update(timing.summary(), peak_bytes=memory[name], max_abs_error_vs_naive=float(error))
+            if "naive" in outputs:  # naive time / this time, paired by round
+                row.update(paired_interval("speedup_vs_naive", timed.values("naive"), timed.values(name)))
         del outputs, reference
     bar.close()
     frame = pd.DataFrame(rows)
@@ -152,13 +149,13 @@ def _call(name: str, q, k, v):
     return run
 
 
-def _time_once(fn, device) -> tuple[float, float]:
-    """(wall seconds, process CPU seconds) of one call."""
+def _profiled_call(fn, device) -> tuple[tuple, float]:
+    """(the output and its peak memory, `harness.peak_memory_bytes`), and the call's wall seconds."""
     synchronize(device)
-    cpu0, wall0 = time.process_time(), time.perf_counter()
-    fn()
+    start = time.perf_counter()
+    measured = peak_memory_bytes(fn, device)
     synchronize(device)
-    return time.perf_counter() - wall0, time.process_time() - cpu0
+    return measured, time.perf_counter() - start
 
 
 def op_speedups(frame: pd.DataFrame, baseline: str = "naive") -> pd.DataFrame:

@@ -343,9 +343,7 @@ TIMING_EXCEPTIONS = {
     ("combined.py", "StackRunner"): "how long quantizing the model once took (setup, not an arm)",
     ("reproduction.py", "_reproduce_one"): "how long a re-measurement took (the measure_s column)",
     ("bandwidth.py", "_passes"): "best-of-N memory read bandwidth: a machine limit, not arms compared",
-    # not in this change's scope (its owner migrates it): 05's attention op benchmark times backends in a loop
-    ("attention_bench.py", "op_benchmark"): "TO MIGRATE: first-call time under the memory profiler",
-    ("attention_bench.py", "_time_once"): "TO MIGRATE: the op benchmark's round-robin repeats",
+    ("attention_bench.py", "_profiled_call"): "the profiled warm-up call's time, which sizes the op's rounds",
 }
 CLOCKS = {"perf_counter", "process_time", "monotonic", "time", "perf_counter_ns", "process_time_ns"}
 

@@ -203,6 +203,9 @@ def test_op_benchmark_rows_and_skips():
     assert (at_64.max_abs_error_vs_naive <= TOLERANCE).all()
     assert ran.max_abs_error_vs_naive.isna().iloc[-1]  # no naive reference at 200
     assert (ran.repeats == 2).all() and (ran.time_median_s > 0).all() and (ran.peak_bytes > 0).all()
+    # every backend of a length in the same paired rounds (rounds.run_rounds): naive / backend with its interval
+    assert (at_64.speedup_vs_naive_rounds == 2).all() and (at_64.speedup_vs_naive_low > 0).all()
+    assert {"cpu_wall_ratio", "contended"} <= set(frame.columns)
     assert ran[ran.backend == "sdpa"].kernel.str.startswith("aten::_scaled_dot_product").all()
     speedups = attention_bench.op_speedups(frame)
     assert list(speedups.index) == [64] and "speedup sdpa" in speedups and "memory ratio tiled" in speedups
