@@ -7,6 +7,7 @@ Results are tidy rows (one per measurement) saved under `data/results/` with the
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import statistics
@@ -230,8 +231,6 @@ def save_headline(notebook: str, title: str, key_figure: str, verdict: str, tabl
                   directory: Path | str | None = None, device="cpu") -> Path:
     """A notebook's one-line summary (and optional small table) for the report index and the README, with the
     environment of the run (`device`: where the notebook ran, as `save_results` takes it)."""
-    import json
-
     directory = Path(directory) if directory else results_dir()
     directory.mkdir(parents=True, exist_ok=True)
     record = {"notebook": notebook, "title": title, "key_figure": key_figure, "verdict": verdict,
@@ -242,3 +241,29 @@ def save_headline(notebook: str, title: str, key_figure: str, verdict: str, tabl
     tmp.write_text(json.dumps(record, indent=2, default=str))
     os.replace(tmp, target)
     return target
+
+
+VS_DOCUMENT_SUFFIX = "_vs_document"  # `<notebook>_vs_document.csv`: one notebook's estimate-against-measurement rows
+VS_DOCUMENT_COLUMNS = ["quantity", "document (estimate)", "measured", "verdict"]
+
+
+def save_vs_document(table: pd.DataFrame, notebook: str, device="cpu", extra: dict | None = None) -> Path:
+    """A notebook's table of the design document's estimates against its measurements, in the one shape 07
+    collects from every notebook: `quantity` (what was measured, with its condition), `document (estimate)`
+    (the document's text), `measured` (the value, or the interval's text) and `verdict`."""
+    missing = [c for c in VS_DOCUMENT_COLUMNS if c not in table.columns]
+    if missing:
+        raise ValueError(f"a vs-document table needs the columns {VS_DOCUMENT_COLUMNS}; {missing} missing")
+    return save_results(table[VS_DOCUMENT_COLUMNS].copy(), notebook + VS_DOCUMENT_SUFFIX, device, extra)
+
+
+def read_vs_document(directory: Path | str | None = None) -> pd.DataFrame:
+    """Every notebook's vs-document rows saved in `directory` (default: this run's results), with a `notebook`
+    column first; empty (with the columns) when none was saved."""
+    directory = Path(directory) if directory else results_dir()
+    frames = [pd.read_csv(path)[VS_DOCUMENT_COLUMNS].assign(notebook=path.name[:-len(VS_DOCUMENT_SUFFIX + ".csv")])
+              for path in sorted(directory.glob(f"*{VS_DOCUMENT_SUFFIX}.csv"))]
+    if not frames:
+        return pd.DataFrame(columns=["notebook", *VS_DOCUMENT_COLUMNS])
+    table = pd.concat(frames, ignore_index=True)
+    return table[["notebook", *VS_DOCUMENT_COLUMNS]]
