@@ -60,6 +60,8 @@ def check_report_dom(page: str, long_string: str | None = None) -> BeautifulSoup
     for noise in NOISE:
         assert noise not in outputs, f"{noise!r} in the outputs"
     assert not soup.select("[data-mime-type='application/vnd.jupyter.stderr']")
+    problems = [block.get_text(" ", strip=True) for block in soup.select(".llmopt-plot-problem")]
+    assert not problems, f"plots failed the figure checks: {problems}"
     if long_string:
         assert long_string in soup.get_text(), "a long cell was truncated"
     assert "..." not in " ".join(td.get_text() for td in soup.select(".jp-OutputArea-output td"))
