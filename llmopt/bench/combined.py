@@ -9,8 +9,10 @@ multiplier on the stacked model (`batching_gain`).
 
 The workload is the design document's prompt shape (system message + demonstrations + user question) whose user
 part asks to repeat a passage of the evaluation text, so prefix caching and prompt lookup both have something
-to find; several requests share the prefix and run one after the other, each generating a fixed number of
-greedy tokens.
+to find; the requests share the prefix and run one after the other, each generating a fixed number of greedy
+tokens. With `StackRunner(shared_prefix=...)` the prompt-caching stacks start each workload run with that prefix
+already cached, as a server does once earlier users have sent it (`shared_prefix`); without it each run starts
+from an empty prefix cache and only the later requests hit.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ import torch
 from ..engine import fused_decode, quantization
 from ..engine import quantized_variants as qv
 from ..engine.generate import Decoder, Generation, GenerationConfig
-from ..engine.prefix_cache import PrefixCache
+from ..engine.prefix_cache import PrefixCache, model_fingerprint
 from ..engine.speculative import PromptLookupDrafter, SpeculativeDecoder
 from ..errors import InvalidParameterError
 from ..paths import cache_dir
@@ -94,12 +96,25 @@ def workload_prompts(tokenizer, requests: int = 3, passage_tokens: int = 96, sys
     return prompts
 
 
+def shared_prefix(tokenizer, system_tokens: int = 50, demonstration_tokens: int = 200) -> list[int]:
+    """The prefix every prompt of `workload_prompts` shares: the scenario's system message and demonstrations."""
+    return list(scenario(tokenizer, tenant=0, user=0, system_tokens=system_tokens,
+                         demonstration_tokens=demonstration_tokens).prefix_ids)
+
+
 class StackRunner:
-    """Builds each configuration's decoder from one base model (a quantized copy made once) and runs the workload."""
-    def __init__(self, model, tokenizer, quantize=None, k: int = 8, prefix_cache_bytes: int = 256 * 2**20):
+    """Builds each configuration's decoder from one base model (a quantized copy made once) and runs the workload.
+
+    `shared_prefix`: token ids whose KV the prompt-caching stacks hold when a workload run starts (a server whose
+    earlier users sent the same system prompt); computed once per stack by `prepare` (or on first use), outside
+    the timed runs, and copied into each run's fresh prefix cache, so a run never reuses its own earlier prompts."""
+    def __init__(self, model, tokenizer, quantize=None, k: int = 8, prefix_cache_bytes: int = 256 * 2**20,
+                 shared_prefix: list[int] | None = None):
         self.model, self.tokenizer, self.k, self.prefix_cache_bytes = model, tokenizer, k, prefix_cache_bytes
         self.quantize = quantize  # function model -> model (in place), used on a deep copy
+        self.shared_prefix = list(shared_prefix) if shared_prefix else None
         self._quantized = None
+        self._warm: dict[Stack, tuple] = {}  # stack -> (tokens, keys, values, fingerprint) of the shared prefix
         self.quantize_s = float("nan")
 
     def model_for(self, stack: Stack):
@@ -111,20 +126,43 @@ class StackRunner:
             self.quantize_s = time.perf_counter() - start
         return self._quantized
 
-    def decoder(self, stack: Stack) -> Decoder:
+    def _build(self, stack: Stack, prefix: PrefixCache | None) -> Decoder:
         model = self.model_for(stack)
         model.set_attention("sdpa" if stack.flash_attention else "naive")
         engine = "fused" if stack.fused_decode else "pytorch"
-        prefix = None
-        if stack.prompt_caching:
-
-            prefix = PrefixCache(self.prefix_cache_bytes)  # fresh per workload run: the first request misses
         if stack.speculative_decoding:
-
             return SpeculativeDecoder(model, self.tokenizer, drafter=PromptLookupDrafter(), k=self.k,
                                       cache="static", prefix_cache=prefix, engine=engine)
         return Decoder(model, self.tokenizer, cache="static" if stack.kv_cache else "none", prefix_cache=prefix,
                        engine=engine)
+
+    def _warm_prefix(self, stack: Stack) -> tuple:
+        """The shared prefix's KV as this stack's decoder computes it (one prefill, kept for every later run)."""
+        if stack not in self._warm:
+            cache = PrefixCache(self.prefix_cache_bytes)
+            decoder = self._build(stack, cache)
+            decoder.generate(self.shared_prefix, GenerationConfig(max_new_tokens=1, ignore_eos=True))
+            fingerprint = model_fingerprint(decoder.model)
+            hit = cache.lookup(self.shared_prefix, fingerprint)
+            self._warm[stack] = (self.shared_prefix, hit.keys, hit.values, fingerprint)
+        return self._warm[stack]
+
+    def prepare(self, stacks) -> None:
+        """Make, before any timing, what the stacks need once: the quantized copy and the warm shared prefix."""
+        for stack in stacks:
+            self.model_for(stack)
+            if stack.prompt_caching and self.shared_prefix:
+                self._warm_prefix(stack)
+
+    def decoder(self, stack: Stack) -> Decoder:
+        """A fresh decoder for one workload run: its prefix cache (prompt caching) empty, or holding only the
+        shared prefix when the runner has one."""
+        prefix = None
+        if stack.prompt_caching:
+            prefix = PrefixCache(self.prefix_cache_bytes)
+            if self.shared_prefix:
+                prefix.insert(*self._warm_prefix(stack))
+        return self._build(stack, prefix)
 
     def run(self, stack: Stack, prompts: list[list[int]], new_tokens: int) -> list[Generation]:
         decoder = self.decoder(stack)
@@ -176,20 +214,23 @@ def measure(configurations: dict[str, object], prompts: list[list[int]], new_tok
     return frame
 
 
-def _paired_workload(frame: pd.DataFrame, name: str, numerator: str, denominator: str) -> dict:
-    """Interval columns of workload_s(numerator) / workload_s(denominator) over the rounds `frame` carries
-    (`measure`'s attrs); NaN where they are missing (frames of several runs concatenated)."""
-    timed = frame.attrs.get("rounds")
-    if timed is None or not {numerator, denominator} <= set(timed.arms):
-        return paired_interval(name, [], [])
-    return paired_interval(name, timed.values(numerator), timed.values(denominator))
+def paired_rounds(rounds, name: str, numerator: str, denominator: str, metric: str = "wall_s") -> dict:
+    """Interval columns (`harness.paired_interval`) of metric(numerator) / metric(denominator) from the first of
+    `rounds` (one `rounds.Rounds` or a list of them, e.g. two `measure` runs) that holds both arms; NaN columns
+    where none does: arms of different runs ran minutes apart and are never paired."""
+    for timed in rounds if isinstance(rounds, (list, tuple)) else [rounds]:
+        if timed is not None and {numerator, denominator} <= set(timed.arms) and metric in timed.frame.columns:
+            return paired_interval(name, timed.values(numerator, metric), timed.values(denominator, metric))
+    return paired_interval(name, [], [])
 
 
-def cumulative(frame: pd.DataFrame, order: list[str], baseline: str = "baseline") -> pd.DataFrame:
+def cumulative(frame: pd.DataFrame, order: list[str], baseline: str = "baseline", rounds=None) -> pd.DataFrame:
     """Waterfall table: each step's workload time, its gain over the previous step and over the baseline.
 
-    step_speedup and cumulative_speedup are ratios of medians; with `measure`'s rounds in `frame.attrs`, each
+    step_speedup and cumulative_speedup are ratios of medians; with `measure`'s rounds (`rounds`, default
+    `frame.attrs["rounds"]`; a list for a frame of several runs), each ratio whose two arms ran in the same rounds
     also gets its paired-round geometric mean and 95% interval (`_geomean`, `_low`, `_high`, `_rounds`)."""
+    rounds = frame.attrs.get("rounds") if rounds is None else rounds
     table = frame.set_index("configuration")
     rows, previous = [], table.loc[baseline, "workload_s"]
     base, before = previous, baseline
@@ -198,8 +239,8 @@ def cumulative(frame: pd.DataFrame, order: list[str], baseline: str = "baseline"
         rows.append({"step": name, "workload_s": t, "step_speedup": previous / t, "cumulative_speedup": base / t,
                      "decode_tokens_per_s": table.loc[name, "decode_tokens_per_s"],
                      "time_to_first_token_s": table.loc[name, "time_to_first_token_s"],
-                     **_paired_workload(frame, "step_speedup", before, name),
-                     **_paired_workload(frame, "cumulative_speedup", baseline, name)})
+                     **paired_rounds(rounds, "step_speedup", before, name),
+                     **paired_rounds(rounds, "cumulative_speedup", baseline, name)})
         previous, before = t, name
     return pd.DataFrame(rows)
 
@@ -282,7 +323,9 @@ def format_engines(model, tokenizer, gguf_path=None, threads: int = 2, directory
 
 
 def format_table(rows: pd.DataFrame) -> pd.DataFrame:
-    """One row per format pair: decode and prefill tokens/s of each side and ours / llama.cpp."""
+    """One row per format pair: decode and prefill tokens/s of each side and ours / llama.cpp, the decode ratio with
+    its paired-round interval (`decode_ours_over_llama_cpp_geomean`, `_low`, `_high`, `_rounds`) where `rows`
+    carries `benchmark.compare`'s rounds."""
     table = rows.set_index("engine")
 
     def prefill(name):
@@ -299,6 +342,8 @@ def format_table(rows: pd.DataFrame) -> pd.DataFrame:
             row["llama_cpp_decode_tokens_per_s"] = table.loc[other, "decode_tokens_per_s"]
             row["llama_cpp_prefill_tokens_per_s"] = prefill(other)
             row["decode_ours_over_llama_cpp"] = row["ours_decode_tokens_per_s"] / row["llama_cpp_decode_tokens_per_s"]
+            paired = benchmark.paired(rows, "decode_tokens_per_s", mine, other, int(table.loc[mine, "prompt_tokens"]))
+            row.update({f"decode_ours_over_llama_cpp_{key.rsplit('_', 1)[1]}": value for key, value in paired.items()})
             row["prefill_ours_over_llama_cpp"] = (row["ours_prefill_tokens_per_s"]
                                                   / row["llama_cpp_prefill_tokens_per_s"])
         out.append(row)
