@@ -162,7 +162,8 @@ DECLARED: dict[str, dict[str, Param]] = {
         "max_new_tokens": _int(), "max_prompt_tokens": _int(), "concurrencies": _ints(), "timeout_ms": Param(
             "float", min=0), "load_factors": Param("list[float]", above=0), "poisson_requests": _int(),
         "poisson_max_batch": _int(), "burst_repeats": _int(), "repeat_concurrencies": _ints(optional=True),
-        "repeats": _int(), "answer_lengths": Param("list[pair]", min=1), "compare_transformers": _flag(),
+        "repeats": _int(), "answer_lengths": Param("list[pair]", min=1), "answer_requests": _int(),
+        "answer_repeats": _int(), "compare_transformers": _flag(),
     },
     "03_quantization": {
         "num_layers": _int(optional=True),
@@ -225,7 +226,8 @@ SMOKE: dict[str, dict[str, object]] = {
                     "bandwidth_probe_mib": 32},
     "02_batching": {"n_requests": 3, "min_new_tokens": 2, "max_new_tokens": 3,
                     "max_prompt_tokens": 24, "concurrencies": [1, 2], "load_factors": [8], "poisson_requests": 3,
-                    "repeats": 1, "burst_repeats": 1, "answer_lengths": [[3, 4]]},
+                    "repeats": 1, "burst_repeats": 1, "answer_lengths": [[3, 4]], "answer_requests": 2,
+                    "answer_repeats": 1},
     "03_quantization": {"num_layers": 2, "rtn_group_sizes": [32], "gptq_group_sizes": [32], "gguf_kinds": ["Q4_0"],
                         "use_gguf_file": False, "include_lm_head": False, "pytorch_kernel_rows": False,
                         "calibration_samples": 2, "calibration_length": 32, "eval_tokens": 64, "eval_window": 32,
@@ -237,7 +239,7 @@ SMOKE: dict[str, dict[str, object]] = {
     "06_speculative_decoding": {"workloads": ["repeat"], "lookup_ks": [3], "model_ks": [2], "early_exit_ks": [2],
                                 "new_tokens": 6, "repeats": 1},
     "07_combined": {"new_tokens": 3, "repeats": 1, "warmup": 0, "batch_concurrency": 2,
-                    "batch_new_tokens": 3, "passage_tokens": 12, "system_tokens": 8, "demonstration_tokens": 10,
+                    "batch_new_tokens": 2, "passage_tokens": 12, "system_tokens": 8, "demonstration_tokens": 10,
                     "format_prompt_tokens": 16, "format_new_tokens": 3, "llama_cpp": False,
                     "shrink_reproduction": True},
 }

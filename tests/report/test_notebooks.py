@@ -4,6 +4,7 @@ LLMOPT_TEST_DEVICE=cuda (and LLMOPT_TEST_DTYPE, LLMOPT_TEST_MODEL) run the same 
 import os
 
 import pytest
+import torch
 
 from llmopt.engine.loading import default_checkpoint_dir
 from llmopt.engine.testing import AWKWARD, save_random_checkpoint
@@ -13,8 +14,11 @@ pytestmark = pytest.mark.notebook
 
 
 def environment_parameters() -> dict:
+    """The device, dtype and model the environment asks for, and this test process's thread count (conftest: the
+    cores shared among the xdist workers)."""
     names = {"LLMOPT_TEST_DEVICE": "device", "LLMOPT_TEST_DTYPE": "dtype", "LLMOPT_TEST_MODEL": "model"}
-    return {parameter: os.environ[var] for var, parameter in names.items() if os.environ.get(var)}
+    return {"threads": torch.get_num_threads(),
+            **{parameter: os.environ[var] for var, parameter in names.items() if os.environ.get(var)}}
 
 
 @pytest.mark.parametrize("notebook", [p.stem for p in discover()])
@@ -24,6 +28,7 @@ def test_notebook_smoke_run(notebook, tmp_path):
     assert [r.ok for r in run] == [True], run[0].error
     html = (run.run_dir / f"{notebook}.html").read_text()
     assert "Traceback" not in html
+    assert "llmopt-plot-problem" not in html, "a plot failed llmopt.report.figures' checks (see the red block)"
     assert (run.run_dir / "index.html").exists()
     assert (run.run_dir / f"{notebook}.ipynb").exists()
     assert any((run.run_dir / "results").glob("*.csv")), "the notebook saved no measured rows"
@@ -86,7 +91,8 @@ def test_every_notebook_runs_on_a_random_checkpoint(family, random_checkpoints, 
     """Any checkpoint of the three families through every notebook, in smoke mode: widths 64 does not divide,
     odd head counts, GQA 1 and 4, tied and untied heads, a sliding window (Mistral)."""
     notebooks = discover()
-    errors = run_in_one_kernel(notebooks, {"model": str(random_checkpoints[family])}, tmp_path / "results")
+    errors = run_in_one_kernel(notebooks, {**environment_parameters(), "model": str(random_checkpoints[family])},
+                               tmp_path / "results")
     assert not errors, errors
     saved = {p.name for p in (tmp_path / "results").glob("headline_*.json")}
     assert saved == {f"headline_{p.stem}.json" for p in notebooks}
