@@ -201,8 +201,13 @@ def batching_on_stack(setup: Setup, gains: dict[str, float], concurrency: int, n
                       dtype) -> tuple[pd.DataFrame, float]:
     """Throughput of `concurrency` simultaneous user turns, sequential against continuous batching, on the stacked
     model (KV cache, SDPA, quantization where its step gained). One run each: the gain has no interval. Each
-    request keeps its prompt's last `BATCH_PROMPT_TOKENS` tokens (batching takes no prefix cache)."""
-    model = setup.runner.model_for(combined.Stack(kv_cache=True, quantization=gains.get("quantization", 0) > 1.0))
+    request keeps its prompt's last `BATCH_PROMPT_TOKENS` tokens (batching takes no prefix cache).
+
+    Unquantized, batching is lossless and the tokens must be identical. Quantized, the batch runs the int4/int8
+    kernels' many-row path and a single request their one-row path: two kernels for one function, whose last-bit
+    differences may flip a near-tie (`engine.agreement`), so the share of agreeing tokens is reported instead."""
+    quantized = gains.get("quantization", 0) > 1.0
+    model = setup.runner.model_for(combined.Stack(kv_cache=True, quantization=quantized))
     model.set_attention("sdpa")
     prompts = combined.workload_prompts(setup.runner.tokenizer, concurrency, **setup.prompt_args)
     requests = [Request(i, list(p[-BATCH_PROMPT_TOKENS:]), new_tokens, 0.0) for i, p in enumerate(prompts)]
@@ -212,8 +217,12 @@ def batching_on_stack(setup: Setup, gains: dict[str, float], concurrency: int, n
                               tokenizer=setup.runner.tokenizer)
         rows.append({**result.stats(), "tokens": result.tokens})
     frame = pd.DataFrame(rows)
-    benchmark.check_lossless(frame.tokens.iloc[0] == frame.tokens.iloc[1], dtype,
-                             "continuous batching changed the tokens")
+    sequential, continuous = frame.tokens.iloc[0], frame.tokens.iloc[1]
+    frame["quantized"] = quantized
+    frame["token_agreement_with_sequential"] = combined.tokens_agree(
+        [sequential[i] for i in sorted(sequential)], [continuous.get(i, []) for i in sorted(sequential)])
+    if not quantized:
+        benchmark.check_lossless(sequential == continuous, dtype, "continuous batching changed the tokens")
     return frame, float(frame.tokens_per_s.iloc[1] / frame.tokens_per_s.iloc[0])
 
 

@@ -2,15 +2,18 @@
 equivalence check and the collected estimate-against-measurement rows, on hand-made frames and a tiny model."""
 import math
 import statistics
+from types import SimpleNamespace
 
 import matplotlib
 import numpy as np
 import pandas as pd
 import pytest
+from transformers import AutoTokenizer
 
 from llmopt.bench import combined, harness
 from llmopt.bench import combined_experiment as ce
 from llmopt.bench.rounds import Rounds
+from llmopt.engine.loading import default_checkpoint_dir
 from llmopt.engine.testing import tiny_model
 
 matplotlib.use("Agg")
@@ -208,3 +211,30 @@ def test_best_order_measures_only_new_stacks_and_pairs_what_it_can(model):
     rounds = best.steps.set_index("optimization").cumulative_speedup_rounds
     assert rounds["kv_cache"] == 2 and rounds[best.order[-1]] == 2  # both arms in the first run's rounds
     assert rounds["speculative_decoding"] == 0  # a new stack against the first run's baseline: no pairing
+
+
+def test_batching_on_a_quantized_stack_reports_agreement_and_asserts_identity_unquantized(monkeypatch):
+    """Unquantized, continuous batching must give the sequential tokens (a mismatch raises); quantized, the two
+    kernel paths are compared by the share of agreeing tokens, which the frame carries."""
+    lm = SimpleNamespace(model=tiny_model("llama", seed=5, vocab_size=49152, max_position_embeddings=512),
+                         tokenizer=AutoTokenizer.from_pretrained(default_checkpoint_dir()))
+    setup = ce.prepare(lm, quantization_bits=8, speculative_k=2, requests=1, passage_tokens=4,
+                       system_tokens=4, demonstration_tokens=4, new_tokens=2)
+    frame, gain = ce.batching_on_stack(setup, {"quantization": 0.9}, 2, 3, "fp32")
+    assert not frame.quantized.any() and (frame.token_agreement_with_sequential == 1.0).all() and gain > 0
+    frame, _ = ce.batching_on_stack(setup, {"quantization": 1.5}, 2, 3, "fp32")
+    assert frame.quantized.all() and 0 <= frame.token_agreement_with_sequential.iloc[0] <= 1
+    real_run = ce.batching.run
+
+    def broken(scheduler, *args, **kwargs):  # a continuous scheduler that changes one token
+        result = real_run(scheduler, *args, **kwargs)
+        if scheduler != "continuous":
+            return result
+        tokens = result.tokens
+        first = min(tokens)
+        tokens[first] = [t + 1 for t in tokens[first]]
+        return SimpleNamespace(stats=result.stats, tokens=tokens)
+
+    monkeypatch.setattr(ce.batching, "run", broken)
+    with pytest.raises(AssertionError, match="continuous batching changed the tokens"):
+        ce.batching_on_stack(setup, {"quantization": 0.9}, 2, 3, "fp32")
