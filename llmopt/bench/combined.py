@@ -246,12 +246,13 @@ def cumulative(frame: pd.DataFrame, order: list[str], baseline: str = "baseline"
 
 
 def best_order(step_gains: dict[str, float]) -> list[str]:
-    """Optimizations by measured gain, largest first, keeping those that need the KV cache after it."""
+    """Optimizations by measured gain, largest first; the KV cache keeps its own rank, and those that need it and
+    gained more move to just after it (not the cache forward to them: that would put a smaller gain first)."""
     order = sorted(step_gains, key=lambda n: -step_gains[n])
     if "kv_cache" in order:
-        order.remove("kv_cache")
-        first_dependent = min((order.index(n) for n in REQUIRES_KV_CACHE if n in order), default=len(order))
-        order.insert(first_dependent, "kv_cache")
+        at = order.index("kv_cache")
+        early = [n for n in order[:at] if n in REQUIRES_KV_CACHE]
+        order = [n for n in order[:at] if n not in REQUIRES_KV_CACHE] + ["kv_cache"] + early + order[at + 1:]
     return order
 
 

@@ -271,11 +271,12 @@ def marginal(document_run: pd.DataFrame, document_stacks: dict, batching_gain: f
 
 
 def peer_table(runs: list[pd.DataFrame], ours: list[str], rounds: list) -> pd.DataFrame:
-    """Our fastest-decoding stack (of `ours`) against every other configuration measured: decode tokens/s,
-    time to first token, workload time and ours / peer on decode tokens/s, with its paired-round interval where
-    both ran in the same rounds (`rounds`: the runs' `rounds.Rounds`)."""
+    """Our fastest-decoding stack of the run the peers ran in (`runs[0]`; of `ours`) against every other
+    configuration measured: decode tokens/s, time to first token, workload time and ours / peer on decode
+    tokens/s, with its paired-round interval (`rounds`: the runs' `rounds.Rounds`; the peers and our stack ran in
+    the same rounds, so the ratio pairs; a stack of a later run would not)."""
     table = pd.concat(runs).drop_duplicates("configuration").set_index("configuration")
-    mine = [name for name in table.index if name in ours]
+    mine = [name for name in runs[0].configuration if name in ours]
     best = table.loc[mine].decode_tokens_per_s.idxmax()
     rows = []
     for name in [best] + [name for name in table.index if name not in ours]:

@@ -48,6 +48,9 @@ def test_stack_rules_and_best_order():
     assert order.index("kv_cache") < order.index("speculative_decoding")
     assert order.index("kv_cache") < order.index("prompt_caching")
     assert order[0] == "kv_cache" and order[1] == "speculative_decoding"
+    # the cache's own large gain keeps its rank: a smaller gain that needs no cache does not jump ahead of it
+    assert combined.best_order({"kv_cache": 7.7, "quantization": 1.4, "prompt_caching": 1.5}) == [
+        "kv_cache", "prompt_caching", "quantization"]
 
 
 def test_cumulative_and_agreement():

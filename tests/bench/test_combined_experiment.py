@@ -98,11 +98,12 @@ def test_peer_table_pairs_only_arms_of_the_same_rounds(document):
     later = fake_run({"kv_cache + fused_decode": [0.5, 0.6, 0.55, 0.5, 0.52]})  # fastest, measured in other rounds
     rounds = [run.attrs["rounds"], later.attrs["rounds"]]
     table = ce.peer_table([run, later], [*stacks, "kv_cache + fused_decode"], rounds).set_index("engine")
-    ours = "llmopt: kv_cache + fused_decode"
-    assert list(table.index) == [ours, "transformers (prompt lookup)"]
+    assert "llmopt: kv_cache + fused_decode" not in table.index  # not in the peers' rounds: it would not pair
+    ours = table.index[0]
+    assert ours.startswith("llmopt: ") and ours.removeprefix("llmopt: ") in set(run.configuration)
     peer = table.loc["transformers (prompt lookup)"]
     assert peer[ce.PEER_RATIO] == pytest.approx(table.loc[ours, "decode_tokens_per_s"] / peer.decode_tokens_per_s)
-    assert peer[f"{ce.PEER_RATIO}_rounds"] == 0 and math.isnan(peer[f"{ce.PEER_RATIO}_low"])  # different runs
+    assert peer[f"{ce.PEER_RATIO}_rounds"] == 5 and peer[f"{ce.PEER_RATIO}_low"] < peer[f"{ce.PEER_RATIO}_high"]
     same = ce.peer_table([run], list(stacks), rounds).set_index("engine").loc["transformers (prompt lookup)"]
     assert same[f"{ce.PEER_RATIO}_rounds"] == 5 and same[f"{ce.PEER_RATIO}_low"] < same[f"{ce.PEER_RATIO}_high"]
 
