@@ -124,7 +124,8 @@ def test_a_parameter_only_some_notebooks_take_goes_to_those():
 def test_params_lists_each_parameter_with_its_default_rule_smoke_value_and_help(capsys):
     assert cli.main(["params", "00"]) == 0
     out = capsys.readouterr().out
-    assert "prompt_lengths = [16, 64, 192]   (smoke: [8, 16])" in out
+    default = parameters.notebook_parameters("00_baseline")["prompt_lengths"].default
+    assert f"prompt_lengths = {default}   (smoke: [8, 16])" in out
     assert "takes a list of integers, each >= 1 (at least one)" in out
     assert "torch intra-op threads" in out
     with pytest.raises(SystemExit):
@@ -171,5 +172,9 @@ def test_a_smoke_run_keeps_the_users_value(tmp_path):
     assert suite.ok, suite[0].error
     rows = pd.read_csv(suite.run_dir / "results" / "00_baseline.csv")
     assert set(rows.prompt_tokens) == {12}
-    assert json.loads((suite.run_dir / "parameters.json").read_text())["00_baseline"] == {
-        "prompt_lengths": [12], "new_tokens": 4, "repeats": 1, "warmup": 0}
+    # what differs from the notebook's defaults: the user's value and the smoke settings it did not override
+    defaults = {name: p.default for name, p in parameters.notebook_parameters("00_baseline").items()}
+    expected = {k: v for k, v in {**parameters.SMOKE["00_baseline"], "prompt_lengths": [12]}.items()
+                if defaults[k] != v}
+    assert json.loads((suite.run_dir / "parameters.json").read_text())["00_baseline"] == expected
+    assert expected["prompt_lengths"] == [12] and expected["repeats"] == 1
