@@ -21,14 +21,10 @@ REAL_MODEL_FIXTURES = {"default_model", "default_hf_model"}
 
 def pytest_collection_modifyitems(items):
     """A test that loads the real default model is end-to-end, whatever its file: the `e2e` mark follows from
-    the fixtures it uses, so `make test-fast` never loads the model by accident. Then the order: longest first."""
+    the fixtures it uses, so `make test-fast` never loads the model by accident."""
     for item in items:
         if REAL_MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.e2e)
-    # the longest tests first (notebook smoke runs, then the real model's), so the xdist workers end together
-    # instead of one running a minute-long notebook while the other idles
-    items.sort(key=lambda item: 0 if item.get_closest_marker("notebook") else
-               1 if item.get_closest_marker("e2e") else 2)
 
 
 @pytest.fixture(autouse=True)

@@ -304,14 +304,20 @@ def formats(lm, use_llama_cpp: bool, threads: int, prompt_tokens: int, new_token
 def ranking(table: pd.DataFrame, batching_gain: float, extensions: list[str], workload: str,
             batch_workload: str) -> pd.DataFrame:
     """The document's priority ranking rewritten from measurement: each optimization's measured gain (its step
-    in the document's order, `table` a `steps` table; batching: its throughput gain), its paired-round
-    interval, lines of code of its modules (`combined.module_lines`), gain per kloc ((gain - 1) per 1000 lines)
-    and the rank by it; `workload` / `batch_workload` say what each gain was measured on."""
+    in the document's order, `table` a `steps` table: the geometric mean of its paired rounds, the estimate its
+    interval is about; batching: its throughput gain), that interval, lines of code of its modules
+    (`combined.module_lines`), gain per kloc ((gain - 1) per 1000 lines) and the rank by it; `workload` /
+    `batch_workload` say what each gain was measured on."""
     ranked = datasets.priority_ranking().rename(columns={"rank": "document_rank", "complexity": "document_complexity"})
     ranked = pd.concat([ranked, pd.DataFrame([{"optimization": name, "estimated_impact": "not in the document"}
                                               for name in extensions])], ignore_index=True)
     by = table.set_index("optimization")
-    gains = {name: (by.loc[name, "step_speedup"], by.get("step_speedup_low", {}).get(name, math.nan),
+
+    def gain(name):  # the paired rounds' geometric mean, as its interval; the ratio of medians without rounds
+        rounds, geomean = by.get("step_speedup_rounds", {}).get(name, 0), by.get("step_speedup_geomean", {}).get(name)
+        return geomean if rounds and rounds >= 2 and geomean == geomean else by.loc[name, "step_speedup"]
+
+    gains = {name: (gain(name), by.get("step_speedup_low", {}).get(name, math.nan),
                     by.get("step_speedup_high", {}).get(name, math.nan),
                     by.get("step_speedup_rounds", {}).get(name, 0)) for name in by.index[1:]}
     gains["batching"] = (batching_gain, math.nan, math.nan, 1)
