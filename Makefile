@@ -35,7 +35,7 @@ lab: setup
 
 ## the test suite: unit tests, end-to-end tests on the default model, notebook smoke runs
 test: setup
-	$(PY) -m pytest -n 2
+	$(PY) -m pytest -n 2 --dist worksteal
 
 ## optional: llama.cpp (llama-cpp-python) as a peer in 07_combined; compiles llama.cpp for this CPU (~20 min on
 ## 2 cores; pip caches the wheel, so a reinstall is quick). Without it 07 says llama.cpp was not measured.
@@ -47,4 +47,4 @@ peers: setup
 
 ## the quick tier (under a minute): unit tests without the real model, the notebooks or the slow random-model tests
 test-fast: setup
-	$(PY) -m pytest -n 2 -m "not e2e and not notebook and not slow"
+	$(PY) -m pytest -n 2 --dist worksteal -m "not e2e and not notebook and not slow"
